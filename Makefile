@@ -1,0 +1,61 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export MLFLOW_DISABLE_TELEMETRY := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install browser check nbtest pytest export clean-nbs down status bench help
+
+help:
+	@echo "make demo   - install, bring up the whole system on embedded services, print the URLs"
+	@echo "make test   - install, check notebooks and package are in sync, run nbdev_test and pytest"
+	@echo "make down   - stop everything 'make demo' started"
+	@echo "make bench  - run the scorer benchmark (figures printed)"
+
+$(STAMP): settings.ini setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[all]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fraud_nb)" >/dev/null
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it; no browser download).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing Debian chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+demo: install
+	$(BIN)/fraud-nb up --demo
+
+down:
+	@test -x $(BIN)/fraud-nb && $(BIN)/fraud-nb down || true
+
+status: install
+	$(BIN)/fraud-nb status
+
+bench: install
+	$(BIN)/fraud-nb bench
+
+export: install
+	cd nbs && ../$(BIN)/nbdev_export && ../$(BIN)/nbdev_clean
+
+# Notebooks are the source: fail if exporting would change fraud_nb/ or if a notebook is not clean.
+check: install
+	$(PY) .ci/check_sync.py
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: install browser
+	$(BIN)/pytest
+
+test: install browser check nbtest pytest
