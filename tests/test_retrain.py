@@ -1,0 +1,91 @@
+"""Continuous retraining against the real stack: papermill runs of nbs/retrain.ipynb, MLflow registry, retrain_runs.
+
+The failure and worse-challenger tests put labelled transactions straight into PostgreSQL (what the
+scorer and the label sink would have written); the end-to-end test streams them through Kafka."""
+import json, os, signal, subprocess, time, uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from fraud_nb import db, registry, retrain
+from fraud_nb.data import RAW_COLUMNS, LABEL, synthetic_transactions
+from fraud_nb.model import train_model
+from conftest import service_env, fraud_nb_cmd
+
+FAST = dict(n_estimators=60, synthetic_n=20000)
+
+
+def insert_labelled(settings, df: pd.DataFrame, model_version='1', start=None):
+    "Write `df` as scored transactions with their labels, as the scorer and label sink would."
+    start = start or datetime.now(timezone.utc)
+    eng = db.make_engine(settings.database_url)
+    v = [f'V{i}' for i in range(1, 29)]
+    rows = [dict(tx_id=f'r{uuid.uuid4().hex[:12]}', event_time=start + timedelta(milliseconds=10 * i), tx_time=float(r.Time),
+                 amount=float(r.Amount), features=[float(x) for x in r[v]], label=int(r[LABEL])) for i, (_, r) in enumerate(df.iterrows())]
+    with eng.begin() as c:
+        c.execute(sa.text('''INSERT INTO scored_transactions (tx_id, event_time, tx_time, amount, features, probability, is_fraud,
+                              threshold, model_version, scored_at, kafka_partition, kafka_offset, scorer_id)
+                              VALUES (:tx_id, :event_time, :tx_time, :amount, :features, 0.5, false, 0.5, :mv, now(), 0, 0, 'test')'''),
+                  [{**r, 'mv': model_version} for r in rows])
+        c.execute(sa.text('INSERT INTO labels (tx_id, label, labeled_at) VALUES (:tx_id, :label, now())'), rows)
+    eng.dispose()
+    return [r['tx_id'] for r in rows]
+
+
+def champion_from(settings, df, *, shuffle=False, seed=0):
+    train, valid = df.iloc[:int(len(df) * .8)], df.iloc[int(len(df) * .8):]
+    if shuffle: train = train.assign(**{LABEL: np.random.default_rng(seed).permutation(train[LABEL].to_numpy())})
+    m = train_model(train, valid, n_estimators=60)
+    return registry.register_model(m, settings, metrics={'seed': seed}, alias='champion')
+
+
+def runs(settings):
+    eng = db.make_engine(settings.database_url)
+    with eng.connect() as c: out = [dict(r._mapping) for r in c.execute(sa.text('SELECT * FROM retrain_runs ORDER BY started_at'))]
+    eng.dispose(); return out
+
+
+def test_failed_run_is_recorded_and_retried(settings):
+    v1 = champion_from(settings, synthetic_transactions(20000, seed=3))
+    insert_labelled(settings, synthetic_transactions(400, seed=4, fraud_rate=0.05))
+    s = settings.__class__(**{**settings.__dict__, 'retrain_min_labels': 300})
+    failed = retrain.run_retraining(s, trigger='labels', parameters={**FAST, 'fail_on_purpose': True})
+    assert failed.status == 'failed' and 'failing on purpose' in failed.error
+    assert failed.report_ipynb.exists() and failed.report_html.exists()      # the partial report is kept
+    assert registry.champion_version(s) == v1                                # champion untouched
+    [row] = runs(s)
+    assert row['status'] == 'failed' and 'failing on purpose' in row['error'] and row['report_html']
+    assert retrain.last_watermark(db.make_engine(s.database_url)) == 0       # the labels still count as new
+    # the next trigger runs again, on the same labels
+    done = retrain.retrainer_loop(s, max_runs=1, parameters=FAST)
+    assert [o.status for o in done] == ['succeeded']
+    assert [r['status'] for r in runs(s)] == ['failed', 'succeeded']
+    assert retrain.last_watermark(db.make_engine(s.database_url)) == 400
+
+
+def test_worse_challenger_leaves_the_champion(settings):
+    v1 = champion_from(settings, synthetic_transactions(20000, seed=5))
+    insert_labelled(settings, synthetic_transactions(3000, seed=6, fraud_rate=0.03))
+    o = retrain.run_retraining(settings, parameters={**FAST, 'shuffle_labels': True})
+    assert o.status == 'succeeded', o.error
+    assert o.decision == 'kept' and registry.champion_version(settings) == v1
+    assert o.result['challenger_version'] != v1
+    [row] = runs(settings)
+    assert row['decision'] == 'kept' and row['challenger_version'] == o.result['challenger_version']
+    html = Path(row['report_html']).read_text()
+    assert 'the champion stays' in html and 'shuffled labels' in html
+
+
+def test_second_retrainer_waits_for_the_lock(settings):
+    "Only one run at a time: a run started while another holds the advisory lock is skipped."
+    eng = db.make_engine(settings.database_url)
+    with eng.connect() as c:
+        assert c.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': retrain.RETRAIN_LOCK}).scalar()
+        o = retrain.run_retraining(settings, parameters=FAST)
+        c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': retrain.RETRAIN_LOCK})
+    eng.dispose()
+    assert o.status == 'skipped' and runs(settings) == []
