@@ -16,7 +16,7 @@ from fraud_nb.data import RAW_COLUMNS, LABEL, synthetic_transactions
 from fraud_nb.model import train_model
 from conftest import service_env, fraud_nb_cmd
 
-FAST = dict(n_estimators=60, synthetic_n=20000)
+FAST = dict(n_estimators=60)
 
 
 def insert_labelled(settings, df: pd.DataFrame, model_version='1', start=None):
@@ -36,11 +36,12 @@ def insert_labelled(settings, df: pd.DataFrame, model_version='1', start=None):
     return [r['tx_id'] for r in rows]
 
 
-def champion_from(settings, df, *, shuffle=False, seed=0):
+def champion_from(settings, df, *, shuffle=False, seed=0, source='synthetic:20000:seed=0'):
+    "Register a champion trained on `df`; its `data` tag tells the retrainer which historical set to rebuild."
     train, valid = df.iloc[:int(len(df) * .8)], df.iloc[int(len(df) * .8):]
     if shuffle: train = train.assign(**{LABEL: np.random.default_rng(seed).permutation(train[LABEL].to_numpy())})
     m = train_model(train, valid, n_estimators=60)
-    return registry.register_model(m, settings, metrics={'seed': seed}, alias='champion')
+    return registry.register_model(m, settings, metrics={'seed': seed}, tags={'data': source}, alias='champion')
 
 
 def runs(settings):
@@ -89,3 +90,58 @@ def test_second_retrainer_waits_for_the_lock(settings):
         c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': retrain.RETRAIN_LOCK})
     eng.dispose()
     assert o.status == 'skipped' and runs(settings) == []
+
+
+def test_end_to_end_threshold_run_promotion_and_swap(settings, tmp_path):
+    """Labelled transactions stream through Kafka past the threshold: exactly one run, a report with the decision,
+    a new version with metrics, a `retrain_runs` row; the challenger beats a useless champion, the scorer swaps to it,
+    and a stream running across the swap is scored exactly once, old version then new."""
+    from dataclasses import replace
+    from fraud_nb.stream import Replayer
+    from scorer_helpers import BackgroundProducer, check_exactly_once, query, start_scorer, stop, tail, wait_consuming, wait_for
+    s = replace(settings, retrain_min_labels=600, retrain_poll_s=1.0, model_poll_s=1.0, stats_interval_s=1.0, label_delay_s=0.0)
+    v1 = champion_from(s, synthetic_transactions(20000, seed=7), shuffle=True)   # a champion that learnt nothing
+    env = service_env(s)
+    logs = {n: tmp_path/f'{n}.log' for n in ('scorer', 'labels', 'retrainer')}
+    procs = {'scorer': start_scorer(s, logs['scorer'])}
+    for name, cmd in (('labels', 'labels'), ('retrainer', 'retrainer')):
+        procs[name] = subprocess.Popen(fraud_nb_cmd(cmd), env=env, stdout=open(logs[name], 'ab'), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_consuming(logs['scorer'])
+        # an unlabelled stream runs across the whole retrain and swap
+        background = BackgroundProducer(s, 6000, rate=60, seed=11); background.start()
+        # 1,000 labelled transactions, fraud-rich so that the holdout can judge: crosses 600 once, never 1,200
+        labelled = synthetic_transactions(1000, seed=12, fraud_rate=0.15)
+        summary = Replayer(s, labelled, rate=0, label_delay_s=0).run(progress=False)
+        assert summary.delivered == 1000 and summary.labels_delivered == 1000, summary.line()
+        def finished():
+            rows = runs(s)
+            return rows if rows and all(r['status'] != 'running' for r in rows) else None
+        try: rows = wait_for(finished, 300, 'the retraining run to finish', interval=1)
+        except AssertionError: raise AssertionError(tail(logs['retrainer']))
+        [run] = rows
+        assert run['status'] == 'succeeded', (run['error'], tail(logs['retrainer']))
+        assert run['trigger'] == 'labels' and run['label_watermark'] >= 600 and run['decision'] == 'promoted', (run['reason'], run['champion_metrics'], run['challenger_metrics'])
+        v2 = run['challenger_version']
+        assert registry.champion_version(s) == v2 != v1
+        html, nb = Path(run['report_html']), Path(run['report_ipynb'])
+        assert nb.exists() and html.exists() and nb.name.startswith('retrain-') and nb.parent == Path(s.reports_dir).absolute()
+        assert 'is promoted to champion' in html.read_text()
+        tags = registry.MlflowClient(s.mlflow_tracking_uri, s.mlflow_tracking_uri).get_model_version(s.model_name, v2).tags
+        assert tags['fraud_nb.decision'] == 'promoted' and 'average_precision' in json.loads(tags['metrics']) or 'holdout_average_precision' in json.loads(tags['metrics'])
+        # the scorer picks the new champion up while the stream runs on
+        wait_for(lambda: query(s, 'SELECT 1 FROM scored_transactions WHERE model_version = %s LIMIT 1', (v2,)), 120, 'rows scored by the new champion')
+        background.join(180)
+        assert background.summary is not None and background.summary.delivered == 6000
+        expected = background.ids + [f'{summary_prefix}' for summary_prefix in []]
+        wait_for(lambda: query(s, 'SELECT count(*) FROM scored_transactions')[0][0] >= 7000, 120, 'every transaction scored')
+        rows = query(s, 'SELECT tx_id, model_version, kafka_partition, kafka_offset FROM scored_transactions')
+        bg = [r for r in rows if r[0] in set(background.ids)]
+        assert len(bg) == len({r[0] for r in bg}) == 6000                      # none lost, none twice
+        for p in {r[2] for r in bg}:                                           # per partition: old version, then new, never back
+            versions = [r[1] for r in sorted((r for r in bg if r[2] == p), key=lambda r: r[3])]
+            switch = versions.index(v2) if v2 in versions else len(versions)
+            assert set(versions[:switch]) <= {v1} and set(versions[switch:]) <= {v2}, p
+        assert len(runs(s)) == 1                                               # exactly one run
+    finally:
+        for p in procs.values(): stop(p)
