@@ -1,0 +1,151 @@
+"Helpers shared by the streaming tests (test_stream, test_scorer, test_scorer_faults, test_hot_reload)."
+import json, os, signal, subprocess, threading, time, uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+
+from conftest import service_env, fraud_nb_cmd
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.2):
+    "Poll `check()` until truthy; fail with `what` after `timeout` s. Returns the truthy value."
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            v = check()
+            if v: return v
+        except Exception as e: last = e
+        time.sleep(interval)
+    raise AssertionError(f'timed out after {timeout:.0f} s waiting for {what}' + (f' (last error: {last})' if last else ''))
+
+
+def query(settings, sql, params=None):
+    "Rows of one query on the settings' database (a fresh connection each time: works across outages)."
+    conn = psycopg2.connect(**_pg_kwargs(settings.database_url), connect_timeout=3)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally: conn.close()
+
+
+def _pg_kwargs(url):
+    from sqlalchemy.engine import make_url
+    u = make_url(url)
+    kw = {k: v for k, v in dict(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database).items() if v is not None}
+    kw.update({k: (v if isinstance(v, str) else v[-1]) for k, v in u.query.items()})
+    return kw
+
+
+def scored_count(settings) -> int:
+    return query(settings, 'SELECT count(*) FROM scored_transactions')[0][0]
+
+
+def train_champion(settings, seed: int = 3, alias: str | None = 'champion') -> str:
+    "Train a small model on synthetic data and register it (as champion by default); return its version."
+    from fraud_nb.data import synthetic_transactions, time_split
+    from fraud_nb.model import train_model
+    from fraud_nb import registry
+    tr, va, _ = time_split(synthetic_transactions(20_000, seed=seed, fraud_rate=0.01))
+    model = train_model(tr, va, n_estimators=30, seed=seed)
+    return registry.register_model(model, settings, metrics={}, alias=alias)
+
+
+def produce(settings, n: int, seed: int = 0, rate: float = 0, labels: bool = False):
+    "Replay `n` synthetic transactions into the settings' topic; return their tx_ids (in send order)."
+    from fraud_nb.data import synthetic_transactions
+    from fraud_nb.stream import Replayer
+    df = synthetic_transactions(n, seed=seed, fraud_rate=0.01)
+    if not labels: df = df.drop(columns=['Class'])
+    r = Replayer(settings, df, rate=rate, label_delay_s=0)
+    s = r.run(progress=False)
+    assert s.delivered == n and s.failed == 0, s.line()
+    return [f'{r.prefix}.0-{i}' for i in range(n)]
+
+
+class BackgroundProducer(threading.Thread):
+    "Replays `n` synthetic transactions at `rate` tx/s in a thread; `.ids` are the tx_ids, `.summary` the result."
+    def __init__(self, settings, n: int, rate: float, seed: int = 0):
+        super().__init__(daemon=True)
+        from fraud_nb.data import synthetic_transactions
+        from fraud_nb.stream import Replayer
+        self.r = Replayer(settings, synthetic_transactions(n, seed=seed, fraud_rate=0.01).drop(columns=['Class']), rate=rate, label_delay_s=0)
+        self.n, self.ids, self.summary = n, [f'{self.r.prefix}.0-{i}' for i in range(n)], None
+    def run(self): self.summary = self.r.run(progress=False)
+
+
+def send_raw(settings, values: list, keys: list | None = None, partition: int | None = None):
+    from confluent_kafka import Producer
+    p = Producer({'bootstrap.servers': settings.kafka_bootstrap, 'enable.idempotence': True})
+    for i, v in enumerate(values):
+        kw = {} if partition is None else {'partition': partition}
+        p.produce(settings.topic_transactions, v, key=(keys[i] if keys else f'raw-{i}'), **kw)
+    assert p.flush(30) == 0
+
+
+def read_topic(settings, topic: str, n: int, timeout: float = 30) -> list:
+    "At least `n` messages of `topic` from the start of every partition (assign: no group join), or all there are after `timeout`."
+    from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
+    c = Consumer({'bootstrap.servers': settings.kafka_bootstrap, 'group.id': uuid.uuid4().hex, 'enable.auto.commit': False})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out, deadline = [], time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            out += [m for m in c.consume(500, 0.2) if not m.error()]
+        return out
+    finally: c.close()
+
+
+def start_scorer(settings, log_path: Path, *args, env_extra: dict | None = None) -> subprocess.Popen:
+    "`fraud-nb score` as a child process with the test's settings, its output in `log_path`."
+    out = open(log_path, 'ab')
+    return subprocess.Popen(fraud_nb_cmd('score', *args), env={**service_env(settings), **(env_extra or {})},
+                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> int:
+    "Signal `proc` and wait for it; SIGKILL if it does not exit in `timeout` s. Returns the exit code."
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try: proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill(); proc.wait(10)
+    return proc.returncode
+
+
+def tail(path: Path, n: int = 60) -> str:
+    try: return '\n'.join(Path(path).read_text(errors='replace').splitlines()[-n:])
+    except FileNotFoundError: return '(no log)'
+
+
+def check_exactly_once(settings, expected_ids: list[str]):
+    "Every expected tx_id is in scored_transactions once with a probability and a version; the rollup counts each row once."
+    rows = query(settings, 'SELECT tx_id, probability, model_version FROM scored_transactions')
+    ids = [r[0] for r in rows]
+    assert len(ids) == len(set(ids))
+    missing = set(expected_ids) - set(ids)
+    assert not missing, f'{len(missing)} transaction(s) never scored, e.g. {sorted(missing)[:5]}'
+    extra = set(ids) - set(expected_ids)
+    assert not extra, f'unexpected rows {sorted(extra)[:5]}'
+    assert all(0 <= r[1] <= 1 and r[2] for r in rows)
+    (n_rollup,), = query(settings, 'SELECT coalesce(sum(n), 0) FROM scored_rollup')
+    assert n_rollup == len(expected_ids), f'rollup counts {n_rollup} rows for {len(expected_ids)} transactions'
+
+
+def assigned_partitions(log_path: Path):
+    "The partitions in the last `assigned` line of a scorer log (None before the first assignment)."
+    import re
+    try: lines = [l for l in Path(log_path).read_text(errors='replace').splitlines() if ' assigned ' in l]
+    except FileNotFoundError: return None
+    return re.findall(r'\[(\d+)\]', lines[-1]) if lines else None
+
+
+def wait_consuming(log_path: Path, n_partitions: int | None = None, timeout: float = 90):
+    "Wait until the scorer logging to `log_path` owns partitions (exactly `n_partitions` if given)."
+    def ok():
+        a = assigned_partitions(log_path)
+        return a is not None and len(a) > 0 and (n_partitions is None or len(a) == n_partitions)
+    wait_for(ok, timeout, f'the scorer of {log_path.name} to be assigned partitions')
