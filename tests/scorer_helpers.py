@@ -131,8 +131,23 @@ def check_exactly_once(settings, expected_ids: list[str]):
     extra = set(ids) - set(expected_ids)
     assert not extra, f'unexpected rows {sorted(extra)[:5]}'
     assert all(0 <= r[1] <= 1 and r[2] for r in rows)
+    check_rollup(settings)
     (n_rollup,), = query(settings, 'SELECT coalesce(sum(n), 0) FROM scored_rollup')
     assert n_rollup == len(expected_ids), f'rollup counts {n_rollup} rows for {len(expected_ids)} transactions'
+
+
+def check_rollup(settings):
+    "The per-second rollup agrees with the rows, bucket by bucket (counts, flags, sums, histogram), whichever write path made it."
+    rows = query(settings, '''SELECT date_trunc('second', scored_at), model_version, count(*), count(*) FILTER (WHERE is_fraud),
+                              sum(probability), sum(latency_ms), sum(amount),
+                              array_agg(least(floor(probability * 10), 9)::int) FROM scored_transactions GROUP BY 1, 2''')
+    rollup = {(r[0], r[1]): r[2:] for r in query(settings, 'SELECT bucket, model_version, n, flagged, sum_prob, sum_latency, sum_amount, score_hist FROM scored_rollup')}
+    assert set(rollup) == {(r[0], r[1]) for r in rows}, 'rollup buckets differ from the rows\' seconds'
+    for b, v, n, flagged, sp, sl, sa, deciles in rows:
+        rn, rf, rsp, rsl, rsa, hist = rollup[(b, v)]
+        assert (rn, rf) == (n, flagged), (b, v)
+        assert abs(rsp - sp) < 1e-6 * max(1, n) and abs(rsl - sl) < 1e-3 * max(1, n) and abs(rsa - sa) < 1e-6 * max(1, abs(sa)), (b, v)
+        assert list(hist) == [deciles.count(i) for i in range(10)], (b, v)
 
 
 def assigned_partitions(log_path: Path):

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from fraud_nb.stream import NUMERIC_FIELDS, MAX_MESSAGE_BYTES
-from fraud_nb.scorer import read_dead_letter, copy_buffer
+from fraud_nb.scorer import read_dead_letter, copy_rows
 from scorer_helpers import (wait_for, query, scored_count, train_champion, produce, send_raw, read_topic, start_scorer, stop,
                             tail, check_exactly_once, BackgroundProducer, wait_consuming, assigned_partitions)
 
@@ -77,27 +77,33 @@ def test_scorer_end_to_end_with_malformed_messages(settings, tmp_path):
     check_exactly_once(settings, ids)
 
 
-def test_copy_buffer_with_mixed_id_lengths_round_trips(settings):
-    "The binary COPY path when ids differ in length (the per-row branch) stores the same values."
-    import numpy as np, psycopg2
-    from fraud_nb.scorer import pg_connect, STAGE_DDL, STAGE_TABLE
+def test_copy_rows_with_mixed_id_lengths_round_trips(settings):
+    "The binary COPY path when ids differ in length (the per-row branch) stores the same values, stamped with the write time."
+    import io
+    import numpy as np
+    from fraud_nb.scorer import pg_connect, STAGE_DDL, STAGE_TABLE, STAGE_COPY_SQL
     rng = np.random.default_rng(0)
     X = rng.normal(size=(3, 30)); ids = ['a', 'bb-22', 'c' * 128]
-    buf = copy_buffer(np.array([0, 1, 2]), np.array([5, 6, 7]), np.array([1_700_000_000_000_000] * 3), np.array([0, 1, 2]),
-                      X, np.array([0.1, 0.5, 0.9]), np.array([False, True, True]), ids)
-    import io
+    rows = copy_rows(np.array([0, 1, 2]), np.array([5, 6, 7]), np.array([1_700_000_000_000_000] * 3), np.array([0, 1, 2]),
+                     X, np.array([0.1, 0.5, 0.9]), np.array([False, True, True]), ids, threshold=0.4, version='12', model_ms=0.25,
+                     scorer_id='scorer-é')
+    assert rows.ids is not None       # the per-row branch
     conn = pg_connect(settings.database_url)
     with conn.cursor() as cur:
         cur.execute(STAGE_DDL)
-        cur.copy_expert(f'COPY {STAGE_TABLE} FROM STDIN (FORMAT binary)', io.BytesIO(buf))
+        cur.copy_expert(STAGE_COPY_SQL, io.BytesIO(rows.payload(1_700_000_000_500_000)))
         cur.execute(f"SELECT tx_id, kafka_partition, kafka_offset, tx_time, amount, features, probability, is_fraud, "
-                    f"extract(epoch FROM kafka_ts), extract(epoch FROM event_time) FROM {STAGE_TABLE} ORDER BY kafka_offset")
-        rows = cur.fetchall()
+                    f"extract(epoch FROM kafka_ts), extract(epoch FROM event_time), threshold, model_version, model_ms, scorer_id, "
+                    f"extract(epoch FROM scored_at), latency_ms FROM {STAGE_TABLE} ORDER BY kafka_offset")
+        got = cur.fetchall()
     conn.rollback(); conn.close()
-    assert [r[0] for r in rows] == ids and [r[1] for r in rows] == [0, 1, 2]
-    for r, x in zip(rows, X):
+    assert [r[0] for r in got] == ids and [r[1] for r in got] == [0, 1, 2] and [r[2] for r in got] == [5, 6, 7]
+    for r, x in zip(got, X):
         assert r[3] == x[0] and r[4] == x[-1] and r[5] == list(x[1:29])
-    assert [r[7] for r in rows] == [False, True, True] and float(rows[0][8]) == 1_700_000_000 and float(rows[2][9]) == 2e-6
+    assert [r[6] for r in got] == [0.1, 0.5, 0.9] and [r[7] for r in got] == [False, True, True]
+    assert float(got[0][8]) == 1_700_000_000 and float(got[2][9]) == 2e-6
+    assert {r[10:14] for r in got} == {(0.4, '12', 0.25, 'scorer-é')}
+    assert {(float(r[14]), r[15]) for r in got} == {(1_700_000_000.5, 500.0)}
 
 
 def test_two_replicas_share_the_partitions(settings, tmp_path):
