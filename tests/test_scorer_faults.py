@@ -1,4 +1,4 @@
-"The delivery guarantee under faults: a scorer killed with SIGKILL mid-stream, and PostgreSQL stopped mid-stream."
+"The delivery guarantee under faults: a scorer killed with SIGKILL mid-stream, PostgreSQL stopped mid-stream, the broker frozen mid-stream."
 import signal, time
 from dataclasses import replace
 from pathlib import Path
@@ -79,3 +79,46 @@ def test_postgres_outage_mid_stream(settings, tmp_path):
     finally:
         try: pgexec('pg_ctl', ('-w', '-m', 'immediate', '-D', str(pgdata), 'stop'), bin_path=srv.bin_path, user=srv.system_user, timeout=30)
         except Exception: pass
+
+
+def test_broker_outage_mid_stream(settings, tmp_path):
+    """The scorer's broker (a dedicated Tansu) freezes for 10 s mid-stream (SIGSTOP: no fetch, no commit, no alert is
+    answered, and the group session expires meanwhile), then comes back: nothing lost, nothing doubled, the scorer never exits.
+    Tansu keeps its topics in memory, so a stopped process would lose them; a frozen one is the outage that keeps the data."""
+    from fraud_nb.stack import spawn, tansu_binary, free_port, kafka_healthy, stop_process, ensure_topics
+    port = free_port()
+    url = f'tcp://127.0.0.1:{port}'
+    broker = spawn([str(tansu_binary()), 'broker', '--listener-url', url, '--advertised-listener-url', url,
+                    '--storage-engine', 'memory://tansu/'], tmp_path/'tansu.log')
+    try:
+        s = replace(settings, kafka_bootstrap=f'127.0.0.1:{port}')
+        wait_for(lambda: kafka_healthy(s.kafka_bootstrap), 20, 'the dedicated broker')
+        ensure_topics(s)
+        train_champion(s)
+        log = tmp_path/'scorer.log'
+        prod = BackgroundProducer(s, 12_000, rate=1500, seed=13)
+        proc = start_scorer(s, log)
+        try:
+            wait_consuming(log)
+            prod.start()
+            wait_for(lambda: scored_count(s) >= 1500, 90, 'rows before the outage')
+            broker.suspend()
+            time.sleep(10)                                  # longer than the group's 6 s session timeout
+            frozen_at = scored_count(s)
+            assert proc.poll() is None, 'the scorer must survive the outage\n' + tail(log)
+            broker.resume()
+            assert frozen_at < 12_000, 'the outage must land mid-stream'
+            prod.join(90)
+            assert prod.summary is not None and prod.summary.failed == 0, prod.summary and prod.summary.line()
+            wait_for(lambda: scored_count(s) >= 12_000, 120, 'all 12,000 rows after the outage')
+            wait_for(lambda: _committed_offsets(s) == 12_000, 60, 'the offsets of every message committed')
+            assert stop(proc) == 0, tail(log)
+        finally: stop(proc)
+        check_exactly_once(s, prod.ids)
+        text = log.read_text(errors='replace')
+        assert 'Traceback' not in text, tail(log)
+        assert 'partitions lost' in text and 'assigned' in text.split('partitions lost')[1], 'the outage was not noticed: ' + tail(log)
+    finally:
+        try: broker.resume()
+        except Exception: pass
+        stop_process(broker, timeout=5)
