@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Settings, get_settings, to_env
-from .stream import NUMERIC_FIELDS, encode_transactions, iso_utc, make_producer, run_prefix, Replayer, decode_transactions
+from .stream import NUMERIC_FIELDS, encode_transactions, iso_utc, make_producer, run_prefix, Replayer
 
 # %% auto #0
 __all__ = ['TARGETS', 'fill_topic', 'raw_consume', 'per_message_baseline', 'start_scorer', 'scorer_end_to_end', 'steady_latency',
@@ -65,7 +65,6 @@ def raw_consume(settings: Settings, topic: str, n: int, timeout: float = 300) ->
 # %% ../nbs/12_bench.ipynb #894fbc16
 def per_message_baseline(settings: Settings, topic: str, n: int, model, database_url: str, timeout: float = 600) -> dict:
     "(b) Poll one message, decode it, score one row, INSERT and COMMIT one row; `n` messages; auto-committed offsets."
-    import psycopg2
     from confluent_kafka import Consumer
     from fraud_nb.scorer import pg_connect
     c = Consumer({'bootstrap.servers': settings.kafka_bootstrap, 'group.id': f'bench-baseline-{uuid.uuid4().hex[:6]}',

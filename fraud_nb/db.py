@@ -5,9 +5,8 @@
 # %% ../nbs/05_db.ipynb #0d6d68ea
 from __future__ import annotations
 import re
-from contextlib import contextmanager
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url, URL
+from sqlalchemy.engine import make_url
 
 # %% auto #0
 __all__ = ['MIGRATIONS', 'MIGRATION_LOCK', 'migrate', 'make_engine', 'with_database', 'create_database', 'drop_database']

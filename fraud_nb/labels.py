@@ -4,10 +4,16 @@
 
 # %% ../nbs/09_labels.ipynb #47db442e
 from __future__ import annotations
-import argparse, io, json, logging, math, signal, socket, os, threading, time
-from dataclasses import dataclass, field
+import argparse
+import io
+import json
+import logging
+import signal
+import socket
+import os
+import threading
+import time
 
-import numpy as np
 import psycopg2
 
 from .config import Settings, get_settings, require

@@ -6,7 +6,10 @@
 from __future__ import annotations
 import os
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
-import argparse, json, math, sys, time
+import argparse
+import json
+import math
+import sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -17,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from .config import Settings, ConfigError, get_settings, require
 from .data import DataValidationError, load_transactions, synthetic_transactions, time_split, find_dataset
-from .model import FraudModel, FEATURES, FEATURE_VERSION, make_features, train_model
+from .model import FraudModel, FEATURES, make_features, train_model
 from . import evaluation as ev
 
 # %% auto #0

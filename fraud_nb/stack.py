@@ -5,7 +5,7 @@
 # %% ../nbs/06_stack.ipynb #a44179c3
 from __future__ import annotations
 import contextlib, fcntl, json, logging, os, signal, socket, subprocess, sys, time, urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

@@ -1,8 +1,8 @@
 "Helpers shared by the streaming tests (test_stream, test_scorer, test_scorer_faults, test_hot_reload)."
-import json, os, signal, subprocess, threading, time, uuid
+import signal, subprocess, threading, time, uuid
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import psycopg2
 
 from conftest import service_env, fraud_nb_cmd
@@ -164,3 +164,28 @@ def wait_consuming(log_path: Path, n_partitions: int | None = None, timeout: flo
         a = assigned_partitions(log_path)
         return a is not None and len(a) > 0 and (n_partitions is None or len(a) == n_partitions)
     wait_for(ok, timeout, f'the scorer of {log_path.name} to be assigned partitions')
+
+
+@contextmanager
+def scorer_under_stream(settings, log_path: Path, n: int, rate: float, seed: int, rows_first: int):
+    """Start `fraud-nb score`, wait until it owns its partitions, stream `n` synthetic transactions at `rate` tx/s from a
+    background producer, and wait until `rows_first` rows are scored: yields `(scorer process, producer)` for the test's
+    fault; the producer is told to stop and the scorer is stopped on the way out, whatever happened."""
+    prod = BackgroundProducer(settings, n, rate=rate, seed=seed)
+    proc = start_scorer(settings, log_path)
+    try:
+        wait_consuming(log_path)
+        prod.start()
+        wait_for(lambda: scored_count(settings) >= rows_first, 90, f'{rows_first:,} rows scored\n' + tail(log_path))
+        yield proc, prod
+    finally:
+        prod.r.stop(); stop(proc)
+
+
+def finish_stream(settings, prod: BackgroundProducer, proc: subprocess.Popen, log_path: Path, committed_offsets=None):
+    "Let the producer finish, wait for every row (and every offset, given a counter of committed offsets), stop the scorer cleanly."
+    prod.join(90)
+    assert prod.summary is not None and prod.summary.failed == 0, prod.summary and prod.summary.line()
+    wait_for(lambda: scored_count(settings) >= prod.n, 120, f'all {prod.n:,} rows\n' + tail(log_path))
+    if committed_offsets: wait_for(lambda: committed_offsets(settings) == prod.n, 60, 'the offsets of every message committed')
+    assert stop(proc) == 0, tail(log_path)

@@ -17,7 +17,7 @@ from fraud_nb import db
 from fraud_nb.config import Settings
 from fraud_nb.dashboard import (DataSource, Dashboard, LabelTotals, RollupTotals, q_alerts, q_latency, q_precision, q_recall,
                                 q_retrain_progress, q_retrain_runs, q_score_hist, q_scorers, q_series, q_stats_series,
-                                q_throughput, q_rollup_sums, chart_range, render_tiles, render_runs, STACK_FILE)
+                                q_throughput, q_rollup_sums, chart_range, render_tiles, render_runs)
 from fraud_nb.stack import free_port, wait_until
 from conftest import fraud_nb_cmd, service_env
 

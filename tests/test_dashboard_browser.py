@@ -6,11 +6,15 @@ labels. Playwright drives Debian's Chromium (`make browser` installs it; never a
 The test checks that the page loads, that its figures match the database (within the refresh lag while the
 stream runs, exactly once it has been drained), that they change over time, and that the page's kernel
 goes away with the page. A screenshot is kept in test-artifacts/dashboard.png."""
-import json, os, shutil, signal, subprocess, threading, time
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
 import sqlalchemy as sa
 

@@ -1,13 +1,11 @@
 "Hot reload: the champion moves mid-stream and the scorer swaps models between batches; a mismatched model is refused."
-import json, threading, time
+import json, threading
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from fraud_nb.scorer import ModelWatcher, signal_champion_changed, vet_model
-from scorer_helpers import (wait_for, query, scored_count, train_champion, start_scorer, stop, tail, check_exactly_once,
-                            BackgroundProducer, wait_consuming)
+from scorer_helpers import wait_for, query, scored_count, train_champion, stop, tail, check_exactly_once, scorer_under_stream
 
 
 class FakeSource:
@@ -77,12 +75,7 @@ def test_champion_moves_mid_stream(settings, tmp_path):
     v1 = train_champion(settings, seed=3)
     s = replace(settings, model_poll_s=3600.0)          # only the notification can trigger a reload
     log = tmp_path/'scorer.log'
-    prod = BackgroundProducer(s, 200_000, rate=1500, seed=21)
-    proc = start_scorer(s, log)
-    try:
-        wait_consuming(log)
-        prod.start()
-        wait_for(lambda: scored_count(s) >= 2000, 90, '2,000 rows scored by v1')
+    with scorer_under_stream(s, log, 200_000, rate=1500, seed=21, rows_first=2000) as (proc, prod):
         v2 = train_champion(s, seed=4, alias=None)
         registry.set_alias(s, 'champion', v2)
         signal_champion_changed(s, v2)
@@ -100,8 +93,6 @@ def test_champion_moves_mid_stream(settings, tmp_path):
         assert prod.summary.failed == 0 and sent < 200_000
         wait_for(lambda: scored_count(s) >= sent, 120, f'all {sent} rows')
         assert stop(proc) == 0, tail(log)
-    finally:
-        prod.r.stop(); stop(proc)
     check_exactly_once(s, prod.ids[:sent])
     counts = dict(query(s, 'SELECT model_version, count(*) FROM scored_transactions GROUP BY 1'))
     assert set(counts) == {v1, v2} and counts[v1] >= 2000, counts

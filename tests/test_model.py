@@ -8,7 +8,7 @@ import pytest
 
 from fraud_nb.data import (COLUMNS, RAW_COLUMNS, LABEL, DataValidationError, load_transactions, synthetic_transactions,
                            time_split, find_dataset)
-from fraud_nb.model import FEATURES, FEATURE_VERSION, FraudModel, make_features, train_model
+from fraud_nb.model import FEATURES, make_features, train_model
 from fraud_nb.evaluation import choose_threshold, expected_cost, evaluate, cost_curve, bootstrap_ci
 
 

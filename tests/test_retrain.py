@@ -2,17 +2,18 @@
 
 The failure and worse-challenger tests put labelled transactions straight into PostgreSQL (what the
 scorer and the label sink would have written); the end-to-end test streams them through Kafka."""
-import json, os, signal, subprocess, time, uuid
+import json
+import subprocess
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import sqlalchemy as sa
 
 from fraud_nb import db, registry, retrain
-from fraud_nb.data import RAW_COLUMNS, LABEL, synthetic_transactions
+from fraud_nb.data import LABEL, synthetic_transactions
 from fraud_nb.model import train_model
 from conftest import service_env, fraud_nb_cmd
 

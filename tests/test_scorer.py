@@ -1,5 +1,5 @@
 "The streaming scorer end to end, as `fraud-nb score` processes on the real embedded stack."
-import json, re, time
+import json
 from dataclasses import replace
 
 import pytest
@@ -7,7 +7,7 @@ import pytest
 from fraud_nb.stream import NUMERIC_FIELDS, MAX_MESSAGE_BYTES
 from fraud_nb.scorer import read_dead_letter, copy_rows
 from scorer_helpers import (wait_for, query, scored_count, train_champion, produce, send_raw, read_topic, start_scorer, stop,
-                            tail, check_exactly_once, BackgroundProducer, wait_consuming, assigned_partitions)
+                            tail, check_exactly_once, wait_consuming, assigned_partitions)
 
 GOOD = {'tx_id': 'x', 'event_time': '2026-03-01T10:00:00Z', **{c: 0.5 for c in NUMERIC_FIELDS}}
 def _bad(**kw):

@@ -1,13 +1,11 @@
 "The delivery guarantee under faults: a scorer killed with SIGKILL mid-stream, PostgreSQL stopped mid-stream, the broker frozen mid-stream."
 import signal, time
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 
 from fraud_nb import db
-from scorer_helpers import (wait_for, query, scored_count, train_champion, start_scorer, stop, tail, check_exactly_once,
-                            BackgroundProducer, wait_consuming)
+from scorer_helpers import (wait_for, scored_count, train_champion, start_scorer, stop, tail, check_exactly_once,
+                            scorer_under_stream, finish_stream)
 
 
 def _committed_offsets(settings) -> int:
@@ -23,24 +21,12 @@ def _committed_offsets(settings) -> int:
 def test_sigkill_mid_stream_then_restart_loses_and_duplicates_nothing(settings, tmp_path):
     train_champion(settings)
     log = tmp_path/'scorer.log'
-    prod = BackgroundProducer(settings, 20_000, rate=2500, seed=11)
-    first = start_scorer(settings, log)
-    try:
-        wait_consuming(log)
-        prod.start()
-        wait_for(lambda: scored_count(settings) >= 2000, 90, 'the first scorer to write 2,000 rows')
+    with scorer_under_stream(settings, log, 20_000, rate=2500, seed=11, rows_first=2000) as (first, prod):
         first.send_signal(signal.SIGKILL); first.wait(10)
-        killed_at = scored_count(settings)
-        assert prod.is_alive() and killed_at < 20_000, 'the kill must land mid-stream'
+        assert prod.is_alive() and scored_count(settings) < 20_000, 'the kill must land mid-stream'
         second = start_scorer(settings, log)
-        try:
-            prod.join(60)
-            assert prod.summary is not None and prod.summary.failed == 0
-            wait_for(lambda: scored_count(settings) >= 20_000, 120, 'all 20,000 rows after the restart')
-            wait_for(lambda: _committed_offsets(settings) == 20_000, 60, 'the offsets of every message committed')
-            assert stop(second) == 0, tail(log)
+        try: finish_stream(settings, prod, second, log, _committed_offsets)
         finally: stop(second)
-    finally: stop(first)
     check_exactly_once(settings, prod.ids)
     assert 'Traceback' not in log.read_text(errors='replace'), tail(log)
 
@@ -58,21 +44,12 @@ def test_postgres_outage_mid_stream(settings, tmp_path):
         s = replace(settings, database_url=url)
         train_champion(s)
         log = tmp_path/'scorer.log'
-        prod = BackgroundProducer(s, 12_000, rate=1500, seed=12)
-        proc = start_scorer(s, log)
-        try:
-            wait_consuming(log)
-            prod.start()
-            wait_for(lambda: scored_count(s) >= 1500, 90, 'rows before the outage')
+        with scorer_under_stream(s, log, 12_000, rate=1500, seed=12, rows_first=1500) as (proc, prod):
             pgexec('pg_ctl', ('-w', '-t', '20', '-m', 'fast', '-D', str(pgdata), 'stop'), bin_path=srv.bin_path, user=srv.system_user, timeout=30)
             time.sleep(4)                                   # the stream goes on while PostgreSQL is down
             assert proc.poll() is None, 'the scorer must survive the outage\n' + tail(log)
             srv.ensure_postgres_running()                   # same data directory, same socket
-            prod.join(60)
-            assert prod.summary is not None and prod.summary.failed == 0
-            wait_for(lambda: scored_count(s) >= 12_000, 120, 'all 12,000 rows after the outage')
-            assert stop(proc) == 0, tail(log)
-        finally: stop(proc)
+            finish_stream(s, prod, proc, log)
         text = log.read_text(errors='replace')
         assert 'database write failed' in text, 'the outage was not noticed: ' + tail(log)
         check_exactly_once(s, prod.ids)
@@ -96,24 +73,13 @@ def test_broker_outage_mid_stream(settings, tmp_path):
         ensure_topics(s)
         train_champion(s)
         log = tmp_path/'scorer.log'
-        prod = BackgroundProducer(s, 12_000, rate=1500, seed=13)
-        proc = start_scorer(s, log)
-        try:
-            wait_consuming(log)
-            prod.start()
-            wait_for(lambda: scored_count(s) >= 1500, 90, 'rows before the outage')
+        with scorer_under_stream(s, log, 12_000, rate=1500, seed=13, rows_first=1500) as (proc, prod):
             broker.suspend()
             time.sleep(10)                                  # longer than the group's 6 s session timeout
-            frozen_at = scored_count(s)
             assert proc.poll() is None, 'the scorer must survive the outage\n' + tail(log)
+            assert scored_count(s) < 12_000, 'the outage must land mid-stream'
             broker.resume()
-            assert frozen_at < 12_000, 'the outage must land mid-stream'
-            prod.join(90)
-            assert prod.summary is not None and prod.summary.failed == 0, prod.summary and prod.summary.line()
-            wait_for(lambda: scored_count(s) >= 12_000, 120, 'all 12,000 rows after the outage')
-            wait_for(lambda: _committed_offsets(s) == 12_000, 60, 'the offsets of every message committed')
-            assert stop(proc) == 0, tail(log)
-        finally: stop(proc)
+            finish_stream(s, prod, proc, log, _committed_offsets)
         check_exactly_once(s, prod.ids)
         text = log.read_text(errors='replace')
         assert 'Traceback' not in text, tail(log)

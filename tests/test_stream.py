@@ -8,7 +8,7 @@ from fraud_nb.data import RAW_COLUMNS
 from fraud_nb.stream import (NUMERIC_FIELDS, MAX_MESSAGE_BYTES, check_transaction, decode_transactions, encode_transactions,
                              parse_event_times, iso_utc)
 from conftest import service_env, fraud_nb_cmd
-from scorer_helpers import read_topic, query, send_raw
+from scorer_helpers import read_topic, query
 
 GOOD = {'tx_id': 'ok-1', 'event_time': '2026-03-01T10:00:00.5Z', **{c: 1.25 for c in NUMERIC_FIELDS}}
 
