@@ -195,8 +195,7 @@ def summarize(res: dict) -> dict:
     a, b, c, d = res['a_raw_consume'], res['b_per_message'], res['c_scorer'], res['d_latency']
     res['ratios'] = {'c_over_a_steady': c['steady_rate'] / a['steady_rate'], 'c_over_a_wall': c['wall_rate'] / a['wall_rate'],
                      'c_over_b': c['steady_rate'] / b['steady_rate']}
-    res['targets'] = {'c_over_a >= 0.5 (steady)': res['ratios']['c_over_a_steady'] >= TARGETS['c_over_a'],
-                      'c_over_a >= 0.5 (wall, incl. group join)': res['ratios']['c_over_a_wall'] >= TARGETS['c_over_a'],
+    res['targets'] = {'c_over_a >= 0.5 (wall, from subscribe: the DESIGN\'s raw-consume measure)': res['ratios']['c_over_a_wall'] >= TARGETS['c_over_a'],
                       'c_over_b >= 30': res['ratios']['c_over_b'] >= TARGETS['c_over_b'],
                       'p99 <= 100 ms': d['p99_ms'] is not None and d['p99_ms'] <= TARGETS['p99_ms']}
     res['peak_rss_mb'] = max(c['peak_rss_mb'], d['peak_rss_mb'])
@@ -215,7 +214,8 @@ def format_report(res: dict) -> str:
              f"(d) e2e latency at {d['offered_rate']:,.0f} tx/s offered ({d['messages']:,} tx), Kafka timestamp -> DB commit: "
              f"p50 {d['p50_ms']:.1f} ms, p95 {d['p95_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms",
              f"peak RSS of the scorer process: {c['peak_rss_mb']:.0f} MB during (c), {d['peak_rss_mb']:.0f} MB during (d)",
-             f"ratios: c/a = {r['c_over_a_steady']:.3f} steady, {r['c_over_a_wall']:.2f} wall;  c/b = {r['c_over_b']:.1f}x",
+             f"ratios: c/a = {r['c_over_a_wall']:.2f} wall (from subscribe), {r['c_over_a_steady']:.3f} steady (after the group join);  "
+             f"c/b = {r['c_over_b']:.1f}x",
              'targets: ' + '; '.join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res['targets'].items())]
     return '\n'.join(lines)
 

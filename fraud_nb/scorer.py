@@ -621,9 +621,16 @@ class Scorer:
         return self.writer.write(p.rows, give_up=self._give_up)
 
     def _submit(self, p: Prepared):
-        "Start the batch's DB write, and its alerts (XGBoost contributions) in parallel: the write never waits for the alerts."
-        alerts = self._alert_pool.submit(self._alerts, p) if p.alerts else None
-        self._inflight.append((p, self._pool.submit(self._write, p), alerts))
+        "Start the batch's DB write; and, when it has alerts or dead letters, the job that explains and publishes them."
+        write = self._pool.submit(self._write, p)
+        deliver = self._alert_pool.submit(self._deliver, p, write) if (p.alerts or p.records) else None
+        self._inflight.append((p, write, deliver))
+
+    def _deliver(self, p: Prepared, write: Future):
+        "The alert thread's job: explain the alerts (meanwhile the batch is written), then, once it is committed, publish them."
+        records = p.records + self._alerts(p)
+        write.result()                # raises if the write was abandoned: then nothing is published
+        self._publish(records)
 
     def _publish(self, records: list):
         "Produce alerts and dead letters and wait until the broker has every one (re-sending failures)."
@@ -680,10 +687,10 @@ class Scorer:
         while len(self._inflight) > keep: self._finish_oldest()
 
     def _finish_oldest(self):
-        "Wait for the oldest in-flight batch's DB commit, publish its alerts and dead letters, commit its offsets, count it."
-        p, fut, alerts = self._inflight.popleft()
+        "Wait for the oldest in-flight batch's DB commit and deliveries, commit its offsets, count it."
+        p, fut, deliver = self._inflight.popleft()
         res = fut.result()            # raises WriteAbandoned if the scorer had to give up: offsets stay uncommitted
-        self._publish(p.records + (alerts.result() if alerts is not None else []))
+        if deliver is not None: deliver.result()
         self._latest.update(p.offsets)
         committed = self._commit(p.offsets, asynchronous=True) if p.offsets else True
         lat = (res.commit_time * 1e6 - p.kafka_ts_us) / 1000.0 if res is not None else np.empty(0)
@@ -747,8 +754,8 @@ class Scorer:
     def _on_lost(self, consumer, partitions):
         log.warning('partitions lost (session timed out?): the in-flight batch will be written but not committed')
         while self._inflight:
-            p, fut, _ = self._inflight.popleft()
-            try: fut.result()
+            p, fut, deliver = self._inflight.popleft()
+            try: fut.result(); deliver is not None and deliver.result()
             except Exception as e: log.warning('in-flight batch after losing partitions: %s', e)
         self._latest = {}
         self.assignment = []
@@ -798,12 +805,12 @@ class Scorer:
             if self.stats.processed or self.stats.dead_letters: self.write_stats()
         except Exception: pass
         self.watcher.stop()
+        self._pool.shutdown(wait=True); self._alert_pool.shutdown(wait=True)   # the jobs left end quickly: their batch was abandoned
         if self.consumer is not None: self.consumer.close(); self.consumer = None
         if self.producer is not None:
             left = self.producer.flush(10)
             if left: log.warning('%d alert/dead-letter message(s) undelivered at exit (their batch was not committed)', left)
             self.producer = None
-        self._pool.shutdown(wait=True); self._alert_pool.shutdown(wait=True)
         self.writer.close()
         if self._stats_conn is not None: self._stats_conn.close()
         self.events['closed'] = time.time()
