@@ -14,11 +14,10 @@ import os
 import threading
 import time
 
-import psycopg2
 
 from .config import Settings, get_settings, require
 from .stream import TX_ID_PATTERN, _TX_ID_RE, parse_event_times, NAT_US, make_producer
-from .scorer import pg_connect, Backoff, _TRANSIENT, WriteAbandoned, dead_letter_headers
+from .scorer import pg_connect, RetryingWriter, WriteAbandoned, dead_letter_headers
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +57,21 @@ WITH up AS (
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
 """
 
-class LabelWriter:
-    "Upserts batches of labels, retrying the same batch until committed."
+class LabelWriter(RetryingWriter):
+    "Upserts batches of labels, one transaction per batch, retrying the same batch until committed."
     def __init__(self, database_url: str):
-        self.url, self.conn, self.backoff = database_url, None, Backoff(0.1, 5.0)
-
-    def _connection(self):
-        if self.conn is None or self.conn.closed:
-            self.conn = pg_connect(self.url)
-            with self.conn.cursor() as cur: cur.execute(LABEL_STAGE_DDL)
-            self.conn.commit()
-        return self.conn
+        super().__init__(database_url, LABEL_STAGE_DDL, 'label write')
 
     def write(self, rows: list[tuple[str, int, str]], give_up=lambda: False) -> tuple[int, int]:
         "Upsert `rows` (tx_id, label, labeled_at); return (inserted, changed)."
         if not rows: return 0, 0
         buf = ''.join(f'{i}\t{t}\t{y}\t{at}\n' for i, (t, y, at) in enumerate(rows)).encode()
-        while True:
-            try:
-                conn = self._connection()
-                with conn.cursor() as cur:
-                    cur.copy_expert(f'COPY {LABEL_STAGE} FROM STDIN', io.BytesIO(buf), size=max(8192, len(buf)))
-                    cur.execute(UPSERT_SQL)
-                    ins, changed = cur.fetchone()
-                conn.commit()
-                self.backoff.reset()
-                return int(ins), int(changed)
-            except psycopg2.Error as e:
-                try: self.conn.close()
-                except Exception: pass
-                self.conn = None
-                if give_up(): raise WriteAbandoned(f'database unavailable ({type(e).__name__})') from e
-                d = self.backoff.next()
-                (log.warning if isinstance(e, _TRANSIENT) else log.error)(
-                    'label write failed (%s: %s); retrying the same batch in %.1f s', type(e).__name__, str(e).strip()[:200], d)
-                time.sleep(d)
-
-    def close(self):
-        if self.conn is not None: self.conn.close()
+        def work(cur):
+            cur.copy_expert(f'COPY {LABEL_STAGE} FROM STDIN', io.BytesIO(buf), size=max(8192, len(buf)))
+            cur.execute(UPSERT_SQL)
+            return cur.fetchone()
+        ins, changed = self.run(work, give_up)
+        return int(ins), int(changed)
 
 # %% ../nbs/09_labels.ipynb #377573d1
 class LabelSink:

@@ -14,27 +14,33 @@ from .data import RAW_COLUMNS, LABEL
 from .evaluation import choose_threshold
 
 # %% auto #0
-__all__ = ['FEATURES', 'FEATURE_VERSION', 'DEFAULT_PARAMS', 'RESAMPLERS', 'make_features', 'FraudModel', 'train_model']
+__all__ = ['FEATURES', 'FEATURE_VERSION', 'DEFAULT_PARAMS', 'RESAMPLERS', 'features_from_raw', 'make_features', 'FraudModel',
+           'train_model']
 
 # %% ../nbs/02_model.ipynb #27d7c03b
 _V = [f'V{i}' for i in range(1, 29)]
 FEATURES: list[str] = _V + ['log_amount', 'hour', 'v_norm', 'v_l1', 'v_max_abs']
 FEATURE_VERSION: str = '1'
 
-def make_features(df: pd.DataFrame) -> np.ndarray:
-    "The model's input matrix (float32, one column per `FEATURES` entry) from a frame with the raw columns."
-    missing = [c for c in RAW_COLUMNS if c not in df.columns]
-    if missing: raise KeyError(f'make_features needs the raw columns; missing: {", ".join(missing)}')
-    X = np.empty((len(df), len(FEATURES)), dtype=np.float32)
-    V = df[_V].to_numpy(dtype=np.float32)
+def features_from_raw(R: np.ndarray) -> np.ndarray:
+    "The model's input matrix (float32, one column per `FEATURES` entry) from a float matrix of the raw columns in `RAW_COLUMNS` order."
+    if R.ndim != 2 or R.shape[1] != len(RAW_COLUMNS): raise ValueError(f'expected {len(RAW_COLUMNS)} raw columns, got shape {R.shape}')
+    X = np.empty((len(R), len(FEATURES)), dtype=np.float32)
+    V = R[:, 1:29].astype(np.float32)
     X[:, :28] = V
-    X[:, 28] = np.log1p(np.maximum(df['Amount'].to_numpy(dtype=np.float64), 0.0))
-    X[:, 29] = (df['Time'].to_numpy(dtype=np.float64) % 86_400) / 3600
+    X[:, 28] = np.log1p(np.maximum(R[:, 29], 0.0))
+    X[:, 29] = (R[:, 0] % 86_400) / 3600
     A = np.abs(V)
     X[:, 30] = np.sqrt(np.einsum('ij,ij->i', V, V))
     X[:, 31] = A.sum(axis=1)
     X[:, 32] = A.max(axis=1, initial=0.0)
     return X
+
+def make_features(df: pd.DataFrame) -> np.ndarray:
+    "The model's input matrix (float32, one column per `FEATURES` entry) from a frame with the raw columns."
+    missing = [c for c in RAW_COLUMNS if c not in df.columns]
+    if missing: raise KeyError(f'make_features needs the raw columns; missing: {", ".join(missing)}')
+    return features_from_raw(df[RAW_COLUMNS].to_numpy(dtype=np.float64))
 
 # %% ../nbs/02_model.ipynb #5c7027fb
 @dataclass

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'DLQ_HEADERS', 'COPY_COLUMNS', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL',
            'REPLAY_SQL', 'SERVE_THREADS', 'NOTIFY_CHANNEL', 'STATS_SQL', 'dead_letter_headers', 'read_dead_letter',
-           'CopyRows', 'copy_rows', 'pg_connect', 'Backoff', 'WriteAbandoned', 'WriteResult', 'BatchWriter',
-           'ModelSource', 'RegistrySource', 'vet_model', 'signal_champion_changed', 'ModelWatcher', 'Stats',
-           'peak_rss_bytes', 'Prepared', 'Scorer', 'score_main']
+           'CopyRows', 'copy_rows', 'pg_connect', 'Backoff', 'WriteAbandoned', 'RetryingWriter', 'WriteResult',
+           'BatchWriter', 'ModelSource', 'RegistrySource', 'vet_model', 'signal_champion_changed', 'ModelWatcher',
+           'Stats', 'peak_rss_bytes', 'Prepared', 'Scorer', 'score_main']
 
 # %% ../nbs/08_scorer.ipynb #0f50f8aa
 DLQ_HEADERS = ('dlq.reason', 'dlq.source.topic', 'dlq.source.partition', 'dlq.source.offset',
@@ -187,28 +187,22 @@ class Backoff:
 # %% ../nbs/08_scorer.ipynb #5b04f71f
 _TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.errors.DeadlockDetected,
               psycopg2.errors.SerializationFailure, psycopg2.errors.AdminShutdown, psycopg2.errors.CannotConnectNow)
+_RETRY_NOW = (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure)
 
 class WriteAbandoned(RuntimeError):
     "A batch could not be written before the scorer had to stop; its offsets stay uncommitted."
 
-@dataclass
-class WriteResult:
-    inserted: int           # rows that were new (a replay inserts 0)
-    flagged_inserted: int
-    commit_time: float      # Unix time right after the COMMIT returned
-    attempts: int
-
-class BatchWriter:
-    "Writes scored batches to PostgreSQL, one transaction per batch, retrying until committed."
-    def __init__(self, database_url: str, scorer_id: str, backoff: Backoff | None = None):
-        self.url, self.scorer_id = database_url, scorer_id
+class RetryingWriter:
+    "A psycopg2 connection with a temporary staging table, and `run(work)`: one transaction, retried until it commits."
+    def __init__(self, database_url: str, stage_ddl: str, what: str, backoff: Backoff | None = None):
+        self.url, self.stage_ddl, self.what = database_url, stage_ddl, what
         self.backoff = backoff or Backoff(0.1, 5.0)
         self.conn = None
 
     def _connection(self):
         if self.conn is None or self.conn.closed:
             self.conn = pg_connect(self.url)
-            with self.conn.cursor() as cur: cur.execute(STAGE_DDL)
+            with self.conn.cursor() as cur: cur.execute(self.stage_ddl)
             self.conn.commit()
         return self.conn
 
@@ -218,53 +212,64 @@ class BatchWriter:
             except Exception: pass
         self.conn = None
 
-    def write(self, rows: CopyRows, give_up: Callable[[], bool] = lambda: False) -> WriteResult:
-        attempts, replay = 0, False
+    def run(self, work: Callable, give_up: Callable[[], bool] = lambda: False):
+        "`work(cursor)` in one transaction, committed; retried until it commits or `give_up()`; returns what `work` returns."
         while True:
-            attempts += 1
             try:
                 conn = self._connection()
-                now_us = time.time_ns() // 1000
-                buf = rows.payload(now_us)
-                with conn.cursor() as cur:
-                    if not replay:
-                        try: cur.copy_expert(COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
-                        except psycopg2.errors.UniqueViolation:
-                            conn.rollback(); replay = True
-                            log.info('a batch of %d holds already written transaction(s) (a replay): inserting only the new ones', len(rows))
-                    if replay:
-                        cur.copy_expert(STAGE_COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
-                        cur.execute(REPLAY_SQL)
-                        inserted, flagged, _ = cur.fetchone()
-                    else:
-                        cur.execute(ROLLUP_SQL, dict(bucket=now_us // 1_000_000, version=rows.version, n=len(rows), flagged=rows.n_flagged,
-                                                     sum_prob=rows.sum_prob, sum_latency=rows.sum_latency_ms(now_us),
-                                                     sum_amount=rows.sum_amount, hist=rows.hist))
-                        inserted, flagged = len(rows), rows.n_flagged
+                with conn.cursor() as cur: out = work(cur)
                 conn.commit()
-                t = time.time()
-                if self.backoff.failures: log.info('database write succeeded again after %d failed attempt(s)', self.backoff.failures)
+                if self.backoff.failures: log.info('%s succeeded again after %d failed attempt(s)', self.what, self.backoff.failures)
                 self.backoff.reset()
-                return WriteResult(int(inserted), int(flagged), t, attempts)
-            except _TRANSIENT as e:
-                retry_now = isinstance(e, (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure))
+                return out
+            except psycopg2.Error as e:
+                retry_now = isinstance(e, _RETRY_NOW)
                 if retry_now:
                     try: self.conn.rollback()
                     except Exception: self._drop()
                 else: self._drop()
-                if give_up(): raise WriteAbandoned(f'database unavailable ({type(e).__name__}: {str(e).strip()[:200]})') from e
+                why = f'{type(e).__name__}: {str(e).strip()[:200]}'
+                if give_up(): raise WriteAbandoned(f'{self.what} abandoned ({why})') from e
                 d = 0.01 if retry_now else self.backoff.next()
-                log.warning('database write failed (%s: %s); retrying the same batch in %.1f s', type(e).__name__, str(e).strip()[:200], d)
-                time.sleep(d)
-            except psycopg2.Error as e:
-                # not a known transient error: never skip a batch (its offsets would be committed); log loudly and retry
-                self._drop()
-                if give_up(): raise WriteAbandoned(f'database error ({type(e).__name__}: {str(e).strip()[:200]})') from e
-                d = self.backoff.next()
-                log.error('database refused the batch (%s: %s); retrying in %.1f s', type(e).__name__, str(e).strip()[:300], d)
+                (log.warning if isinstance(e, _TRANSIENT) else log.error)('%s failed (%s); retrying the same batch in %.2f s', self.what, why, d)
                 time.sleep(d)
 
     def close(self): self._drop()
+
+@dataclass
+class WriteResult:
+    inserted: int           # rows that were new (a replay inserts 0)
+    flagged_inserted: int
+    commit_time: float      # Unix time right after the COMMIT returned
+    attempts: int
+
+class BatchWriter(RetryingWriter):
+    "Writes scored batches to `scored_transactions` and their rollup, one transaction per batch, retrying until committed."
+    def __init__(self, database_url: str, scorer_id: str, backoff: Backoff | None = None):
+        super().__init__(database_url, STAGE_DDL, 'database write', backoff)
+        self.scorer_id = scorer_id
+
+    def write(self, rows: CopyRows, give_up: Callable[[], bool] = lambda: False) -> WriteResult:
+        state = dict(replay=False, attempts=0)
+        def work(cur):
+            state['attempts'] += 1
+            now_us = time.time_ns() // 1000
+            buf = rows.payload(now_us)
+            if not state['replay']:
+                try: cur.copy_expert(COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
+                except psycopg2.errors.UniqueViolation:
+                    cur.connection.rollback(); state['replay'] = True
+                    log.info('a batch of %d holds already written transaction(s) (a replay): inserting only the new ones', len(rows))
+            if state['replay']:
+                cur.copy_expert(STAGE_COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
+                cur.execute(REPLAY_SQL)
+                return cur.fetchone()[:2]
+            cur.execute(ROLLUP_SQL, dict(bucket=now_us // 1_000_000, version=rows.version, n=len(rows), flagged=rows.n_flagged,
+                                         sum_prob=rows.sum_prob, sum_latency=rows.sum_latency_ms(now_us), sum_amount=rows.sum_amount,
+                                         hist=rows.hist))
+            return len(rows), rows.n_flagged
+        inserted, flagged = self.run(work, give_up)
+        return WriteResult(int(inserted), int(flagged), time.time(), state['attempts'])
 
 # %% ../nbs/08_scorer.ipynb #1d79a434
 class ModelSource(Protocol):
@@ -581,9 +586,9 @@ class Scorer:
         ts = np.array(list(map(_Message.timestamp, good)), dtype=np.int64).reshape(n_all, 2)   # (type, ms); type 0: none
         kts = np.where(ts[:, 0] != 0, ts[:, 1] * 1000, now_us)[d.index]
         part, off = part_all[d.index], off_all[d.index]
-        from fraud_nb.model import make_features
+        from fraud_nb.model import features_from_raw
         t0 = time.perf_counter()
-        X = make_features(d.frame())
+        X = features_from_raw(d.values)        # d.values is in RAW_COLUMNS order (NUMERIC_FIELDS)
         prob = np.asarray(model.predict_proba_features(X), dtype=np.float64)
         model_s = time.perf_counter() - t0
         flagged = prob >= model.threshold
