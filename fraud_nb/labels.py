@@ -4,15 +4,7 @@
 
 # %% ../nbs/09_labels.ipynb #47db442e
 from __future__ import annotations
-import argparse
-import io
-import json
-import logging
-import signal
-import socket
-import os
-import threading
-import time
+import argparse, io, json, logging, signal, socket, os, threading, time
 
 
 from .config import Settings, get_settings, require

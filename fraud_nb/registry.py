@@ -6,10 +6,7 @@
 from __future__ import annotations
 import os
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
-import argparse
-import json
-import math
-import sys
+import argparse, json, math, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd

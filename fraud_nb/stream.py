@@ -4,17 +4,7 @@
 
 # %% ../nbs/07_stream.ipynb #bf3099a9
 from __future__ import annotations
-import argparse
-import heapq
-import json
-import logging
-import math
-import re
-import signal
-import sys
-import threading
-import time
-import uuid
+import argparse, heapq, json, logging, math, re, signal, sys, threading, time, uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
