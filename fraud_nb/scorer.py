@@ -149,9 +149,8 @@ agg AS (
 up AS (
   INSERT INTO scored_rollup AS r (bucket, model_version, n, flagged, sum_prob, sum_latency, sum_amount, score_hist)
   SELECT bucket, model_version, n, flagged, sum_prob, sum_latency, sum_amount, hist FROM agg ORDER BY bucket, model_version
-  {_ROLLUP_MERGE}
-  RETURNING 1)
-SELECT coalesce(sum(n), 0)::bigint, coalesce(sum(flagged), 0)::bigint, (SELECT count(*) FROM up) FROM agg
+  {_ROLLUP_MERGE})
+SELECT coalesce(sum(n), 0)::bigint FROM agg   -- a data-modifying CTE runs to completion whether or not it is read
 """
 
 # %% ../nbs/08_scorer.ipynb #233b8a10
@@ -229,9 +228,7 @@ class RetryingWriter:
 @dataclass
 class WriteResult:
     inserted: int           # rows that were new (a replay inserts 0)
-    flagged_inserted: int
     commit_time: float      # Unix time right after the COMMIT returned
-    attempts: int
 
 class BatchWriter(RetryingWriter):
     "Writes scored batches to `scored_transactions` and their rollup, one transaction per batch, retrying until committed."
@@ -240,26 +237,26 @@ class BatchWriter(RetryingWriter):
         self.scorer_id = scorer_id
 
     def write(self, rows: CopyRows, give_up: Callable[[], bool] = lambda: False) -> WriteResult:
-        state = dict(replay=False, attempts=0)
+        replay = False
         def work(cur):
-            state['attempts'] += 1
+            nonlocal replay
             now_us = time.time_ns() // 1000
             buf = rows.payload(now_us)
-            if not state['replay']:
+            if not replay:
                 try: cur.copy_expert(COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
                 except psycopg2.errors.UniqueViolation:
-                    cur.connection.rollback(); state['replay'] = True
+                    cur.connection.rollback(); replay = True
                     log.info('a batch of %d holds already written transaction(s) (a replay): inserting only the new ones', len(rows))
-            if state['replay']:
+            if replay:
                 cur.copy_expert(STAGE_COPY_SQL, io.BytesIO(buf), size=max(8192, len(buf)))
                 cur.execute(REPLAY_SQL)
-                return cur.fetchone()[:2]
+                return cur.fetchone()[0]
             cur.execute(ROLLUP_SQL, dict(bucket=now_us // 1_000_000, version=rows.version, n=len(rows), flagged=rows.n_flagged,
                                          sum_prob=rows.sum_prob, sum_latency=rows.sum_latency_ms(now_us), sum_amount=rows.sum_amount,
                                          hist=rows.hist))
-            return len(rows), rows.n_flagged
-        inserted, flagged = self.run(work, give_up)
-        return WriteResult(int(inserted), int(flagged), time.time(), state['attempts'])
+            return len(rows)
+        inserted = self.run(work, give_up)
+        return WriteResult(int(inserted), time.time())
 
 # %% ../nbs/08_scorer.ipynb #1d79a434
 class ModelSource(Protocol):
@@ -493,9 +490,7 @@ class Prepared:
     n_valid: int
     kafka_ts_us: np.ndarray        # per valid row
     model: object
-    model_ms: float                # per transaction
-    model_s: float
-    n_flagged: int
+    model_s: float                 # model time of the batch
     records: list                  # (topic, key, value, headers) to publish: the dead letters
     n_dead: int
     alerts: tuple | None           # flagged rows: (tx_ids, probabilities, amounts, feature rows, scored_at)
@@ -571,7 +566,7 @@ class Scorer:
                                 good[d.rejected[0][0]].offset(), d.rejected[0][1])
         n = len(d)
         if n == 0:
-            return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, 0.0, 0, records, len(d.rejected), None)
+            return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
         now_us = time.time_ns() // 1000
         ts = np.array(list(map(_Message.timestamp, good)), dtype=np.int64).reshape(n_all, 2)   # (type, ms); type 0: none
         kts = np.where(ts[:, 0] != 0, ts[:, 1] * 1000, now_us)[d.index]
@@ -582,14 +577,13 @@ class Scorer:
         prob = np.asarray(model.predict_proba_features(X), dtype=np.float64)
         model_s = time.perf_counter() - t0
         flagged = prob >= model.threshold
-        nf = int(flagged.sum())
         alerts = None
-        if nf:
+        if flagged.any():
             idx = np.flatnonzero(flagged)
             alerts = ([d.tx_id[j] for j in idx.tolist()], prob[idx], d.values[idx, -1], X[idx], iso_utc())
         rows = copy_rows(part, off, kts, d.event_us, d.values, prob, flagged, d.tx_id, threshold=model.threshold,
                          version=model.version, model_ms=model_s * 1000 / n, scorer_id=self.id)
-        return Prepared(len(good), offsets, rows, n, kts, model, model_s * 1000 / n, model_s, nf, records, len(d.rejected), alerts)
+        return Prepared(len(good), offsets, rows, n, kts, model, model_s, records, len(d.rejected), alerts)
 
     def _log_consumer_errors(self, msgs: list):
         for m in msgs:
@@ -689,7 +683,7 @@ class Scorer:
         self._latest.update(p.offsets)
         committed = self._commit(p.offsets, asynchronous=True) if p.offsets else True
         lat = (res.commit_time * 1e6 - p.kafka_ts_us) / 1000.0 if res is not None else np.empty(0)
-        self.stats.add(p.n_valid, res.inserted if res else 0, p.n_dead, p.n_flagged, p.model_s, lat)
+        self.stats.add(p.n_valid, res.inserted if res else 0, p.n_dead, p.rows.n_flagged if p.rows else 0, p.model_s, lat)
         self.handled += p.n_messages
         self.events['last_commit'] = time.time()
         if not committed: log.info('batch of %d written but its offsets were not committed', p.n_messages)
@@ -780,7 +774,7 @@ class Scorer:
                     self.events.setdefault('first_message', time.time())
                     p = self.prepare(msgs, model)
                     self._submit(p)                  # queued right behind the previous write: the writer never idles
-                    self._finish_inflight(keep=1)    # meanwhile publish and commit the previous batch
+                    self._finish_inflight(keep=1)    # meanwhile finish the previous batch: its deliveries, its offsets
                 elif self._inflight: self._finish_inflight()
                 if self.stats.due(self.s.stats_interval_s): self.write_stats()
                 if self.stop_after is not None and self.handled + sum(b[0].n_messages for b in self._inflight) >= self.stop_after:

@@ -106,9 +106,8 @@ class Decoded:
         return pd.DataFrame(self.values, columns=NUMERIC_FIELDS, copy=False)
 
 # %% ../nbs/07_stream.ipynb #bcd3461b
-def _fast_parse(values: list, idx: list[int]):
-    "Decode the messages at `idx` with msgspec; return (good positions, tx_ids, event_us, matrix, suspects)."
-    cand = [values[i] for i in idx]
+def _fast_parse(cand: list, idx: list[int]):
+    "Decode the messages `cand` (at positions `idx`) with msgspec; return (good positions, tx_ids, event_us, matrix, suspects)."
     try: recs, pos, suspects = list(map(_decode_one, cand)), idx, []   # the usual case: every message decodes
     except msgspec.MsgspecError:
         recs, pos, suspects = [], [], []
@@ -132,10 +131,11 @@ def decode_transactions(values: list) -> Decoded:
         elif len(v) > MAX_MESSAGE_BYTES: rejected.append((i, f'oversize message: {len(v)} bytes > {MAX_MESSAGE_BYTES}'))
         else: fast.append(i)
     parts = []
-    try: b''.join([values[i] for i in fast]).decode('utf-8')  # msgspec checks the strings it keeps, not the fields it skips
+    cand = [values[i] for i in fast]
+    try: b''.join(cand).decode('utf-8')  # msgspec checks the strings it keeps, not the fields it skips
     except UnicodeDecodeError: slow, fast = fast, []
     if fast:
-        res = _fast_parse(values, fast)
+        res = _fast_parse(cand, fast)
         parts.append(res[:4]); slow.extend(res[4])
     if slow:
         recs = []
