@@ -4,20 +4,29 @@
 
 # %% ../nbs/00_config.ipynb #506e4108
 from __future__ import annotations
-import json, os, re
+import argparse, json, os, re, sys, traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PREFIX', 'STACK_FILE', 'ConfigError', 'Settings', 'env_vars', 'read_stack_file', 'get_settings', 'require', 'to_env',
-           'describe']
+__all__ = ['PREFIX', 'STACK_FILE', 'DEFAULT_REVIEW_COST', 'UserError', 'ConfigError', 'Settings', 'env_vars', 'read_stack_file',
+           'get_settings', 'require', 'to_env', 'describe', 'command_parser', 'run_command']
 
 # %% ../nbs/00_config.ipynb #036f5baa
+os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
+
+# %% ../nbs/00_config.ipynb #9adf25d3
+class UserError(Exception):
+    "An expected failure that a command reports in one line: bad input, missing file, unreachable service."
+
+class ConfigError(UserError, ValueError):
+    "A configuration value is missing or invalid; the message names the environment variable."
+
+# %% ../nbs/00_config.ipynb #587d03fb
 PREFIX = 'FRAUD_NB_'
 STACK_FILE = 'stack.json'  # written by `fraud-nb up` inside the state directory
-
-class ConfigError(ValueError):
-    "A configuration value is missing or invalid; the message names the environment variable."
+DEFAULT_REVIEW_COST = 5.0  # the one place the review cost's default lives; `Settings.review_cost` uses it
 
 # %% ../nbs/00_config.ipynb #11fde2ec
 def _setting(default, help, check=None):
@@ -54,7 +63,7 @@ class Settings:
     stats_interval_s: float = _setting(5.0, 'interval of the rows a scorer writes to scorer_stats, in s', _positive)
     retrain_min_labels: int = _setting(500, 'new labels that trigger a retraining run', _positive)
     retrain_poll_s: float = _setting(10.0, 'how often the retrainer counts new labels, in s', _positive)
-    review_cost: float = _setting(5.0, 'cost of reviewing one false alarm (a missed fraud costs its Amount)', _non_negative)
+    review_cost: float = _setting(DEFAULT_REVIEW_COST, 'cost of reviewing one false alarm (a missed fraud costs its Amount)', _non_negative)
     reports_dir: Path = _setting(Path('reports'), 'where executed retraining notebooks (.ipynb, .html) are written')
     data_path: Path = _setting(Path('data/raw_data/creditcard.csv'), "the user's copy of the creditcard dataset")
     host: str = _setting('127.0.0.1', 'address the dashboard and the MLflow UI listen on')
@@ -126,3 +135,23 @@ def describe(settings: Settings) -> list[dict]:
     "Each setting with its variable, value and help, for `fraud-nb config` and the docs. URLs lose their passwords."
     def safe(v): return re.sub(r'://([^:/@]+):[^@]*@', r'://\1:***@', str(v))
     return [dict(variable=Settings.env_var(f.name), value=safe(getattr(settings, f.name)), help=f.metadata['help']) for f in fields(settings)]
+
+# %% ../nbs/00_config.ipynb #8952f9fb
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    "The parser of `fraud-nb <prog>`: one style for every command (defaults shown, `--debug`)."
+    p = argparse.ArgumentParser(prog=f'fraud-nb {prog}', description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--debug', action='store_true', help='show the full traceback when the command fails')
+    return p
+
+# %% ../nbs/00_config.ipynb #7b35bb9e
+def run_command(parser: argparse.ArgumentParser, argv: list[str], main: Callable[[argparse.Namespace], int | None]) -> int:
+    "Parse `argv`, run `main(args)` and return its exit code; a `UserError` is one line on stderr and exit code 2."
+    try: args = parser.parse_args(argv)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try: return main(args) or 0
+    except UserError as e:
+        if getattr(args, 'debug', False): traceback.print_exc()
+        print(f'{parser.prog}: {e}', file=sys.stderr); return 2
+    except KeyboardInterrupt:
+        print(f'{parser.prog}: interrupted', file=sys.stderr); return 130

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from .config import UserError
 
 # %% auto #0
 __all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'DataValidationError', 'load_transactions', 'find_dataset',
@@ -18,7 +19,7 @@ LABEL: str = 'Class'
 COLUMNS: list[str] = RAW_COLUMNS + [LABEL]
 
 # %% ../nbs/01_data.ipynb #ae0fd8ac
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     "The transactions file does not have the expected schema; the message names the column and the first bad row."
 
 # %% ../nbs/01_data.ipynb #3b7cd0e7
