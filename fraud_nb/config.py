@@ -10,8 +10,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PREFIX', 'STACK_FILE', 'DEFAULT_REVIEW_COST', 'UserError', 'ConfigError', 'Settings', 'env_vars', 'read_stack_file',
-           'get_settings', 'require', 'to_env', 'describe', 'command_parser', 'run_command']
+__all__ = ['PREFIX', 'STACK_FILE', 'DEFAULT_REVIEW_COST', 'STACK_ENDPOINTS', 'UserError', 'ConfigError', 'Settings', 'env_vars',
+           'read_stack_file', 'with_stack_endpoints', 'get_settings', 'require', 'to_env', 'describe', 'command_parser',
+           'run_command']
 
 # %% ../nbs/00_config.ipynb #036f5baa
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
@@ -64,6 +65,8 @@ class Settings:
     retrain_min_labels: int = _setting(500, 'new labels that trigger a retraining run', _positive)
     retrain_poll_s: float = _setting(10.0, 'how often the retrainer counts new labels, in s', _positive)
     review_cost: float = _setting(DEFAULT_REVIEW_COST, 'cost of reviewing one false alarm (a missed fraud costs its Amount)', _non_negative)
+    promote_min_frauds: int = _setting(10, 'fewest frauds in the retraining holdout that can tell two models apart (fewer: the champion stays)', _positive)
+    promote_ap_tolerance: float = _setting(0.01, "how much lower a cheaper challenger's average precision may be and still be promoted", _non_negative)
     reports_dir: Path = _setting(Path('reports'), 'where executed retraining notebooks (.ipynb, .html) are written')
     data_path: Path = _setting(Path('data/raw_data/creditcard.csv'), "the user's copy of the creditcard dataset")
     host: str = _setting('127.0.0.1', 'address the dashboard and the MLflow UI listen on')
@@ -104,6 +107,14 @@ def read_stack_file(state_dir: Path) -> dict:
     except json.JSONDecodeError as e: raise ConfigError(f'{path} is corrupt ({e}); run `fraud-nb down` then `fraud-nb up`') from None
 
 # %% ../nbs/00_config.ipynb #9c7ef1d5
+STACK_ENDPOINTS = ('kafka_bootstrap', 'database_url', 'mlflow_tracking_uri')
+
+def with_stack_endpoints(settings: Settings, state: dict, override: bool = False) -> Settings:
+    "`settings` with the endpoints recorded in a stack's `state` filled in (only the unset ones unless `override`)."
+    fill = {k: state[k] for k in STACK_ENDPOINTS if state.get(k) and (override or not getattr(settings, k))}
+    return replace(settings, **fill)
+
+# %% ../nbs/00_config.ipynb #4ab9f0c0
 def get_settings(env: dict | None = None, **overrides) -> Settings:
     "Build `Settings` from `FRAUD_NB_*` variables in `env` (default `os.environ`), then apply `overrides`."
     env = os.environ if env is None else env
@@ -112,9 +123,7 @@ def get_settings(env: dict | None = None, **overrides) -> Settings:
     values = {f.name: _parse(f, env[Settings.env_var(f.name)]) for f in fields(Settings) if Settings.env_var(f.name) in env}
     s = replace(Settings(), **values)
     s = replace(s, **overrides)
-    endpoints = read_stack_file(s.state_dir)
-    fill = {k: endpoints[k] for k in ('kafka_bootstrap', 'database_url', 'mlflow_tracking_uri') if not getattr(s, k) and endpoints.get(k)}
-    return replace(s, **fill)
+    return with_stack_endpoints(s, read_stack_file(s.state_dir))
 
 # %% ../nbs/00_config.ipynb #16409a8e
 def require(settings: Settings, *names: str) -> Settings:

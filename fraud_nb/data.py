@@ -4,14 +4,19 @@
 
 # %% ../nbs/01_data.ipynb #bdedeb9c
 from __future__ import annotations
+import os, re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 import pandas as pd
 from .config import UserError
 
 # %% auto #0
-__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'DataValidationError', 'load_transactions', 'find_dataset',
-           'synthetic_transactions', 'time_split']
+__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'SPLIT', 'KINDS', 'CREDITCARD', 'GENERATORS', 'PARTS', 'DataValidationError',
+           'NoDatasetError', 'load_transactions', 'find_dataset', 'synthetic_transactions', 'time_split', 'DatasetKind',
+           'register_kind', 'kind_of', 'split_parts', 'part_text', 'DatasetSource', 'dataset_source']
 
 # %% ../nbs/01_data.ipynb #748ad9d5
 RAW_COLUMNS: list[str] = ['Time'] + [f'V{i}' for i in range(1, 29)] + ['Amount']
@@ -21,6 +26,9 @@ COLUMNS: list[str] = RAW_COLUMNS + [LABEL]
 # %% ../nbs/01_data.ipynb #ae0fd8ac
 class DataValidationError(UserError, ValueError):
     "The transactions file does not have the expected schema; the message names the column and the first bad row."
+
+class NoDatasetError(UserError, FileNotFoundError):
+    "There is no dataset file where one was asked for."
 
 # %% ../nbs/01_data.ipynb #3b7cd0e7
 def _first_row(mask) -> int:
@@ -57,7 +65,7 @@ def _check_numeric(df: pd.DataFrame, path) -> pd.DataFrame:
 def load_transactions(path) -> pd.DataFrame:
     "Read a creditcard CSV (`.csv` or `.csv.gz`) and validate it; raise `DataValidationError` naming the problem, column and first bad row."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'no transactions file at {path}')
+    if not path.exists(): raise NoDatasetError(f'no transactions file at {path}')
     try: df = pd.read_csv(path, low_memory=False)
     except pd.errors.EmptyDataError: raise DataValidationError(f'{path}: the file is empty') from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataValidationError(f'{path}: not a readable CSV ({e})') from None
@@ -136,11 +144,143 @@ def synthetic_transactions(n: int, seed: int = 0, fraud_rate: float = 0.0017, dr
     return df
 
 # %% ../nbs/01_data.ipynb #640a71a7
-def time_split(df: pd.DataFrame, fractions=(0.6, 0.2, 0.2)) -> tuple[pd.DataFrame, ...]:
-    "Split `df` by `Time` into consecutive parts of the given `fractions` (default train, valid, test: 60/20/20)."
+SPLIT = (0.6, 0.2, 0.2)  # train, validation, test: the one place the split boundaries live
+
+def time_split(df: pd.DataFrame, fractions=SPLIT, time: str = 'Time') -> tuple[pd.DataFrame, ...]:
+    "Split `df` by its `time` column into consecutive parts of the given `fractions` (default `SPLIT`: train, valid, test)."
     fr = np.asarray(fractions, dtype=float)
     if len(fr) < 2 or (fr <= 0).any() or abs(fr.sum() - 1) > 1e-6:
         raise ValueError(f'fractions must be at least two positive numbers summing to 1, got {tuple(fractions)}')
-    d = df.sort_values('Time', kind='stable')
+    d = df.sort_values(time, kind='stable')
     cuts = np.round(np.cumsum(fr)[:-1] * len(d)).astype(int)
     return tuple(d.iloc[a:b] for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(d)]))
+
+# %% ../nbs/01_data.ipynb #1427c4c0
+@dataclass(frozen=True)
+class DatasetKind:
+    "A kind of dataset file: its columns (how it is recognised), its time column (how it is split), its loader."
+    name: str
+    columns: tuple[str, ...]
+    time: str
+    load: Callable[[Path], pd.DataFrame]
+
+KINDS: dict[str, DatasetKind] = {}
+
+def register_kind(kind: DatasetKind) -> DatasetKind:
+    "Make `kind` known to `kind_of` (and so to every command that reads a dataset)."
+    KINDS[kind.name] = kind
+    return kind
+
+CREDITCARD = register_kind(DatasetKind('creditcard', tuple(COLUMNS), 'Time', load_transactions))
+
+# %% ../nbs/01_data.ipynb #a4112d98
+def kind_of(path) -> DatasetKind:
+    "The kind of the dataset file at `path`, recognised from its header (ties and unreadable headers: creditcard)."
+    path = Path(path)
+    if not path.is_file(): raise NoDatasetError(f'no dataset file at {path}')
+    try: header = set(map(str, pd.read_csv(path, nrows=0).columns))
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError): return CREDITCARD
+    return max(KINDS.values(), key=lambda k: len(header & set(k.columns)))
+
+# %% ../nbs/01_data.ipynb #15af26ca
+GENERATORS: dict[str, tuple[DatasetKind, Callable[..., pd.DataFrame]]] = {'synthetic': (CREDITCARD, synthetic_transactions)}
+
+# %% ../nbs/01_data.ipynb #9da4d59e
+PARTS = ('all', 'train', 'valid', 'test', 'history', 'unseen')
+
+def split_parts(df: pd.DataFrame, time: str = 'Time') -> dict[str, pd.DataFrame]:
+    "Every named part of `df` by `time`: train, valid, test (`SPLIT`), history (train + valid), unseen (= test)."
+    train, valid, test = time_split(df, SPLIT, time=time)
+    return dict(all=df, train=train, valid=valid, test=test, history=pd.concat([train, valid]), unseen=test)
+
+def part_text(part: str) -> str:
+    "How `part` is described to a user, e.g. 'last 20 % by time'."
+    last = f'last {SPLIT[-1] * 100:.0f} % by time'
+    return dict(all='', train='training part', valid='validation part', test=last, unseen=last,
+                history=f'first {(1 - SPLIT[-1]) * 100:.0f} % by time')[part]
+
+# %% ../nbs/01_data.ipynb #faf7e351
+@dataclass(frozen=True)
+class DatasetSource:
+    "Where a dataset comes from: a file, or a generator with its size, seed and options. `tag` names it; `load` reads it."
+    path: Path | None = None
+    generator: str = ''
+    n: int = 0
+    seed: int = 0
+    options: tuple = ()                                  # the generator's other arguments, sorted (name, value) pairs
+    fallback: bool = field(default=False, compare=False) # generated because the configured dataset is missing
+
+    @classmethod
+    def file(cls, path) -> DatasetSource: return cls(path=Path(path))
+
+    @classmethod
+    def generated(cls, n: int, seed: int = 0, generator: str = 'synthetic', **options) -> DatasetSource:
+        if generator not in GENERATORS: raise ValueError(f'unknown generator {generator!r}; known: {", ".join(GENERATORS)}')
+        return cls(generator=generator, n=int(n), seed=int(seed), options=tuple(sorted(options.items())))
+
+    @property
+    def synthetic(self) -> bool: return self.path is None
+
+# %% ../nbs/01_data.ipynb #c863e03c
+_TAG = re.compile(r'(\w+):(\d+):seed=(\d+)((?::\w+=[^:]+)*)')
+
+def _value(text: str):
+    for typ in (int, float):
+        try: return typ(text)
+        except ValueError: pass
+    return text
+
+@patch(as_prop=True)
+def tag(self: DatasetSource) -> str:
+    "The source in one line, as a model's `data` tag records it."
+    if self.path is not None: return str(self.path)
+    return ':'.join([self.generator, str(self.n), f'seed={self.seed}', *(f'{k}={v}' for k, v in self.options)])
+
+@patch(cls_method=True)
+def from_tag(cls: DatasetSource, tag: str) -> DatasetSource:
+    "The source that `tag` names: the inverse of `DatasetSource.tag`."
+    m = _TAG.fullmatch(tag)
+    if not m or m[1] not in GENERATORS: return cls.file(tag)
+    options = dict(o.split('=', 1) for o in m[4].split(':')[1:])
+    return cls.generated(int(m[2]), int(m[3]), m[1], **{k: _value(v) for k, v in options.items()})
+
+# %% ../nbs/01_data.ipynb #a34c38c4
+@patch(as_prop=True)
+def kind(self: DatasetSource) -> DatasetKind:
+    "The kind of data this source yields (read from the file's header, or the generator's)."
+    return kind_of(self.path) if self.path is not None else GENERATORS[self.generator][0]
+
+@patch
+def load(self: DatasetSource, part: str = 'all') -> pd.DataFrame:
+    "The dataset, or one of its parts by time: 'train', 'valid', 'test', 'history' (train + valid), 'unseen' (= test)."
+    if part not in PARTS: raise ValueError(f'unknown part {part!r}; known: {", ".join(PARTS)}')
+    if part != 'all': return self.parts()[part]
+    if self.path is not None: return self.kind.load(self.path)
+    return GENERATORS[self.generator][1](self.n, seed=self.seed, **dict(self.options))
+
+@patch
+def parts(self: DatasetSource) -> dict[str, pd.DataFrame]:
+    "Every part at once (`split_parts`), reading the data once."
+    return split_parts(self.load(), self.kind.time)
+
+# %% ../nbs/01_data.ipynb #4687cb65
+@patch
+def describe(self: DatasetSource, part: str = 'all') -> str:
+    "The source (and `part`) in words, for logs, reports and the producer's message."
+    opts = ''.join(f', {k.replace("_", " ")} {v:g}' if isinstance(v, float) else f', {k} {v}' for k, v in self.options)
+    what = str(self.path) if self.path is not None else f'{self.n:,} {self.generator} transactions (seed {self.seed}{opts})'
+    return ', '.join(filter(None, [what, part_text(part)]))
+
+@patch
+def __str__(self: DatasetSource) -> str: return self.describe()
+
+# %% ../nbs/01_data.ipynb #5200c1e5
+def dataset_source(settings, data=None, synthetic: int | None = None, seed: int = 0, *, default_n: int = 200_000,
+                   allow_synthetic: bool = True, **options) -> DatasetSource:
+    "The dataset a command works on: `synthetic` rows, else the file `data`, else the user's dataset, else (if allowed) generated rows."
+    if synthetic: return DatasetSource.generated(synthetic, seed, **options)
+    path = Path(data) if data else find_dataset(settings)
+    if path is not None: return DatasetSource.file(path)
+    if not allow_synthetic:
+        raise NoDatasetError(f'no dataset at {settings.data_path} (FRAUD_NB_DATA_PATH): pass --data PATH or --synthetic N')
+    return replace(DatasetSource.generated(default_n, seed, **options), fallback=True)

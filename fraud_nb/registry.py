@@ -4,9 +4,8 @@
 
 # %% ../nbs/06_registry.ipynb #9420b369
 from __future__ import annotations
-import os
-os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
-import argparse, json, math, sys
+from .config import DEFAULT_REVIEW_COST, Settings, UserError, command_parser, get_settings, require, run_command
+import json, math, os, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -15,14 +14,13 @@ import mlflow, mlflow.xgboost
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from .config import Settings, ConfigError, get_settings, require
-from .data import DataValidationError, load_transactions, synthetic_transactions, time_split, find_dataset
+from .data import SPLIT, DatasetSource, dataset_source, synthetic_transactions, time_split
 from .model import FraudModel, FEATURES, make_features, train_model
 from . import evaluation as ev
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CHALLENGER', 'configure_mlflow', 'register_model', 'set_alias', 'alias_version', 'champion_version',
-           'load_version', 'load_champion', 'compare_versions', 'train_main', 'evaluate_main']
+           'load_version', 'load_champion', 'compare_versions', 'data_tags', 'train_main', 'evaluate_main']
 
 # %% ../nbs/06_registry.ipynb #fafebb25
 CHAMPION, CHALLENGER = 'champion', 'challenger'
@@ -48,7 +46,6 @@ def _artifact_location(settings: Settings) -> str | None:
 
 def _use(settings: Settings) -> str:
     "Point MLflow's process-wide tracking and registry URIs at the settings' store."
-    os.environ['MLFLOW_DISABLE_TELEMETRY'] = 'true'
     uri = _uri(settings)
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
     return uri
@@ -148,7 +145,7 @@ def load_champion(settings: Settings) -> FraudModel | None:
     return None if v is None else load_version(settings, v)
 
 # %% ../nbs/06_registry.ipynb #07da7378
-def compare_versions(settings: Settings, v1, v2, df: pd.DataFrame, review_cost: float = 5.0) -> pd.DataFrame:
+def compare_versions(settings: Settings, v1, v2, df: pd.DataFrame, review_cost: float = DEFAULT_REVIEW_COST) -> pd.DataFrame:
     "Metrics of two registered versions on the same labelled `df`, side by side, with the difference (second - first)."
     cols = {}
     for v in (v1, v2):
@@ -174,107 +171,105 @@ _SHOWN = ['n', 'frauds', 'average_precision', 'roc_auc', 'threshold', 'alerts', 
 
 def _metrics_rows(m: dict) -> dict: return {k: m[k] for k in _SHOWN if k in m}
 
-def _read_data(args, settings, prog: str, allow_synthetic: bool):
-    "(frame, description, is_synthetic) from --data, --synthetic, the configured data path, or synthetic data."
-    if getattr(args, 'synthetic', None): return synthetic_transactions(args.synthetic, seed=args.seed), f'synthetic:{args.synthetic}:seed={args.seed}', True
-    path = Path(args.data) if args.data else find_dataset(settings)
-    if path is not None: return load_transactions(path), str(path), False
-    if not allow_synthetic:
-        raise FileNotFoundError(f'no dataset at {settings.data_path} (FRAUD_NB_DATA_PATH): pass --data PATH or --synthetic N')
-    n = 200_000
-    print(f'{prog}: no dataset at {settings.data_path} (FRAUD_NB_DATA_PATH) and no --data given.\n'
-          f'{prog}: *** using SYNTHETIC data ({n:,} generated transactions): the metrics say nothing about real fraud ***',
-          file=sys.stderr)
-    return synthetic_transactions(n, seed=args.seed), f'synthetic:{n}:seed={args.seed}', True
+def _say_if_fallback(source: DatasetSource, settings: Settings, prog: str):
+    "Say loudly when `source` is generated data standing in for a missing dataset."
+    if source.fallback:
+        print(f'{prog}: no dataset at {settings.data_path} (FRAUD_NB_DATA_PATH) and no --data given.\n'
+              f'{prog}: *** using SYNTHETIC data ({source}): the metrics say nothing about real fraud ***', file=sys.stderr)
 
-def _parse(parser, argv):
-    "Parse `argv`; argparse's exit on --help or a usage error becomes a return code."
-    try: return parser.parse_args(argv), None
-    except SystemExit as e: return None, int(e.code or 0)
+def data_tags(source: DatasetSource) -> dict:
+    "What a version records about its data: `data` is the source's tag, from which `DatasetSource.from_tag` rebuilds it."
+    return {'data': source.tag, 'data_kind': source.kind.name, 'synthetic': str(source.synthetic).lower()}
 
 # %% ../nbs/06_registry.ipynb #3a26f55c
-def train_main(argv: list[str], settings: Settings | None = None) -> int:
-    "`fraud-nb train`: train on the earlier 80 % by time, evaluate on the last 20 %, register; returns the exit code."
-    parser = argparse.ArgumentParser(prog='fraud-nb train', description='Train, evaluate and register a fraud model.')
-    parser.add_argument('--data', metavar='PATH', help='creditcard CSV (.csv or .csv.gz); default FRAUD_NB_DATA_PATH, else synthetic data')
-    parser.add_argument('--synthetic', metavar='N', type=int, help='train on N synthetic transactions instead')
-    parser.add_argument('--resample', choices=['none', 'smote', 'undersample'], default='none', help='imbalance by resampling instead of weighting')
-    parser.add_argument('--n-estimators', type=int, default=600, help='most trees (early stopping decides; default 600)')
-    parser.add_argument('--no-refit', action='store_true', help='do not refit on train+validation after early stopping')
-    parser.add_argument('--review-cost', type=float, help='cost of a false alarm (default FRAUD_NB_REVIEW_COST)')
-    parser.add_argument('--alias', help='also point this alias (e.g. champion, challenger) at the new version')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--json', action='store_true', help='print the result as JSON')
-    parser.add_argument('--if-no-champion', action='store_true',
-                        help='do nothing if a champion exists (the one-shot first training of docker compose and `fraud-nb up`)')
-    args, code = _parse(parser, argv)
-    if args is None: return code
-    prog = 'fraud-nb train'
-    try:
-        settings = require(settings or get_settings(), 'mlflow_tracking_uri')
-        if args.if_no_champion and (v := champion_version(settings)) is not None:
-            print(f'{prog}: version {v} of {settings.model_name} is champion already; nothing to train'); return 0
-        df, source, synthetic = _read_data(args, settings, prog, allow_synthetic=True)
-    except (ConfigError, DataValidationError, FileNotFoundError) as e:
-        print(f'{prog}: {e}', file=sys.stderr); return 2
-    review_cost = settings.review_cost if args.review_cost is None else args.review_cost
-    train, valid, test = time_split(df)
-    print(f'{prog}: {len(df):,} transactions from {source}{" (SYNTHETIC)" if synthetic else ""}: '
-          f'train {len(train):,}, validation {len(valid):,}, test {len(test):,} (by Time)', file=sys.stderr)
-    model = train_model(train, valid, resample=None if args.resample == 'none' else args.resample, review_cost=review_cost,
-                        n_estimators=args.n_estimators, seed=args.seed, refit=not args.no_refit)
-    metrics = ev.evaluate(model, test, review_cost=review_cost)
+def _data_options(p):
+    "The options that choose a command's dataset (see `fraud_nb.data.dataset_source`)."
+    p.add_argument('--data', metavar='PATH', help='dataset file (.csv or .csv.gz); default: FRAUD_NB_DATA_PATH if it exists')
+    p.add_argument('--synthetic', metavar='N', type=int, help='use N synthetic transactions instead')
+    p.add_argument('--seed', type=int, default=0, help='seed of the synthetic data and of training')
+    p.add_argument('--review-cost', type=float, help='cost of a false alarm (default: FRAUD_NB_REVIEW_COST)')
+    p.add_argument('--json', action='store_true', help='print the result as JSON')
+    return p
+
+# %% ../nbs/06_registry.ipynb #de69a183
+def _fit(a, settings: Settings, source: DatasetSource):
+    "(model, test part, its metrics, figures, data tags) of one `fraud-nb train` run."
+    _say_if_fallback(source, settings, 'fraud-nb train')
+    parts = source.parts()
+    train, valid, test = parts['train'], parts['valid'], parts['test']
+    print(f'fraud-nb train: {len(parts["all"]):,} transactions from {source}{" (SYNTHETIC)" if source.synthetic else ""}: '
+          f'train {len(train):,}, validation {len(valid):,}, test {len(test):,} (by time)', file=sys.stderr)
+    cost = settings.review_cost if a.review_cost is None else a.review_cost
+    model = train_model(train, valid, resample=None if a.resample == 'none' else a.resample, review_cost=cost,
+                        n_estimators=a.n_estimators, seed=a.seed, refit=not a.no_refit)
     p = model.predict_proba(test)
     figures = {'pr_curve': ev.plot_pr_curve({'test': (test.Class, p)}),
                'score_distribution': ev.plot_score_distribution(test.Class, p, model.threshold),
-               'cost_curve': ev.plot_cost_curve(test.Class, p, test.Amount, review_cost, model.threshold),
+               'cost_curve': ev.plot_cost_curve(test.Class, p, test.Amount, cost, model.threshold),
                'feature_importance': ev.plot_feature_importance(model)}
-    tags = {'data': source, 'synthetic': str(synthetic).lower(), 'data_rows': len(df), 'split': 'time 60/20/20', 'trigger': 'cli'}
-    version = register_model(model, settings, metrics=metrics, figures=figures, tags=tags, run_name='cli-train')
-    became = []
-    if champion_version(settings) is None: set_alias(settings, CHAMPION, version); became.append(CHAMPION)
-    if args.alias and args.alias not in became: set_alias(settings, args.alias, version); became.append(args.alias)
-    if args.json:
-        print(json.dumps(dict(model_name=settings.model_name, version=version, aliases=became, data=source, synthetic=synthetic,
-                              train=_jsonable(model.metrics), test=_jsonable(metrics))))
+    tags = data_tags(source) | {'data_rows': len(parts['all']), 'split': 'time ' + '/'.join(f'{f * 100:.0f}' for f in SPLIT)}
+    return model, ev.evaluate(model, test, review_cost=cost), figures, tags
+
+# %% ../nbs/06_registry.ipynb #72610027
+def _train(a, settings: Settings | None) -> int:
+    prog = 'fraud-nb train'
+    settings = require(settings or get_settings(), 'mlflow_tracking_uri')
+    if a.if_no_champion and (v := champion_version(settings)) is not None:
+        print(f'{prog}: version {v} of {settings.model_name} is champion already; nothing to train'); return 0
+    source = dataset_source(settings, a.data, a.synthetic, a.seed)
+    model, metrics, figures, tags = _fit(a, settings, source)
+    version = register_model(model, settings, metrics=metrics, figures=figures, tags=tags | {'trigger': 'cli'}, run_name='cli-train')
+    became = [CHAMPION] if champion_version(settings) is None else []
+    if a.alias and a.alias not in became: became.append(a.alias)
+    for alias in became: set_alias(settings, alias, version)
+    if a.json:
+        print(json.dumps(dict(model_name=settings.model_name, version=version, aliases=became, data=source.tag,
+                              synthetic=source.synthetic, train=_jsonable(model.metrics), test=_jsonable(metrics))))
         return 0
     _print_table(_metrics_rows(metrics) | {'train_seconds': model.metrics['train_seconds'], 'trees': model.metrics['n_trees']},
                  f'{settings.model_name} version {version}{" (" + ", ".join(became) + ")" if became else ""}: '
-                 f'test = last 20 % by Time of {source}{"  *** SYNTHETIC DATA ***" if synthetic else ""}')
+                 f'test = {source.describe("test")}{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
     if not became: print(f'champion is still version {champion_version(settings)}; promote with: fraud-nb train ... --alias champion, '
                          f'or fraud_nb.registry.set_alias(settings, "champion", "{version}")')
-    return 0
 
-# %% ../nbs/06_registry.ipynb #de69a183
-def evaluate_main(argv: list[str], settings: Settings | None = None) -> int:
-    "`fraud-nb evaluate`: metrics of the champion (or --version) on the last 20 % by time; returns the exit code."
-    parser = argparse.ArgumentParser(prog='fraud-nb evaluate', description='Evaluate the champion on the time-ordered test part of a dataset.')
-    parser.add_argument('--data', metavar='PATH', help='creditcard CSV (.csv or .csv.gz); default FRAUD_NB_DATA_PATH')
-    parser.add_argument('--synthetic', metavar='N', type=int, help='evaluate on N synthetic transactions instead')
-    parser.add_argument('--version', help='a registered version instead of the champion')
-    parser.add_argument('--review-cost', type=float, help='cost of a false alarm (default FRAUD_NB_REVIEW_COST)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the synthetic data')
-    parser.add_argument('--json', action='store_true', help='print machine-readable JSON')
-    args, code = _parse(parser, argv)
-    if args is None: return code
-    prog = 'fraud-nb evaluate'
+# %% ../nbs/06_registry.ipynb #d562122a
+def train_main(argv: list[str], settings: Settings | None = None) -> int:
+    "`fraud-nb train`: train on the earlier 80 % by time, evaluate on the last 20 %, register; returns the exit code."
+    p = _data_options(command_parser('train', 'Train, evaluate and register a fraud model.'))
+    p.add_argument('--resample', choices=['none', 'smote', 'undersample'], default='none', help='imbalance by resampling instead of weighting')
+    p.add_argument('--n-estimators', type=int, default=600, help='most trees (early stopping decides)')
+    p.add_argument('--no-refit', action='store_true', help='do not refit on train+validation after early stopping')
+    p.add_argument('--alias', help='also point this alias (e.g. champion, challenger) at the new version')
+    p.add_argument('--if-no-champion', action='store_true',
+                   help='do nothing if a champion exists (the one-shot first training of docker compose and `fraud-nb up`)')
+    return run_command(p, argv, lambda a: _train(a, settings))
+
+# %% ../nbs/06_registry.ipynb #56e357d4
+def _model_to_evaluate(a, settings: Settings) -> FraudModel | None:
+    "The champion (or `--version`), checked for compatibility; None after printing why there is none."
     try:
-        settings = require(settings or get_settings(), 'mlflow_tracking_uri')
-        df, source, synthetic = _read_data(args, settings, prog, allow_synthetic=False)
-        model = load_version(settings, args.version) if args.version else load_champion(settings)
+        model = load_version(settings, a.version) if a.version else load_champion(settings)
         if model is None: raise LookupError(f'{settings.model_name!r} has no champion yet: run `fraud-nb train` first')
         model.check_compatible()
-    except (ConfigError, DataValidationError, FileNotFoundError) as e:
-        print(f'{prog}: {e}', file=sys.stderr); return 2
+        return model
     except (LookupError, ValueError, MlflowException) as e:
-        print(f'{prog}: {e}', file=sys.stderr); return 1
-    review_cost = settings.review_cost if args.review_cost is None else args.review_cost
-    test = time_split(df)[2]
-    metrics = ev.evaluate(model, test, review_cost=review_cost)
-    if args.json:
-        print(json.dumps(dict(model_name=settings.model_name, version=model.version, data=source, synthetic=synthetic,
-                              split='last 20% by Time', metrics=_jsonable(metrics))))
+        print(f'fraud-nb evaluate: {e}', file=sys.stderr)
+
+def _evaluate(a, settings: Settings | None) -> int:
+    settings = require(settings or get_settings(), 'mlflow_tracking_uri')
+    source = dataset_source(settings, a.data, a.synthetic, a.seed, allow_synthetic=False)
+    test = source.load('test')
+    if (model := _model_to_evaluate(a, settings)) is None: return 1
+    metrics = ev.evaluate(model, test, review_cost=settings.review_cost if a.review_cost is None else a.review_cost)
+    if a.json:
+        print(json.dumps(dict(model_name=settings.model_name, version=model.version, data=source.tag, synthetic=source.synthetic,
+                              split=source.describe('test'), metrics=_jsonable(metrics))))
     else:
-        _print_table(_metrics_rows(metrics), f'{settings.model_name} version {model.version}: last 20 % by Time of {source}'
-                     f'{"  *** SYNTHETIC DATA ***" if synthetic else ""}')
-    return 0
+        _print_table(_metrics_rows(metrics), f'{settings.model_name} version {model.version}: {source.describe("test")}'
+                     f'{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
+
+def evaluate_main(argv: list[str], settings: Settings | None = None) -> int:
+    "`fraud-nb evaluate`: metrics of the champion (or --version) on the last 20 % by time; returns the exit code."
+    p = _data_options(command_parser('evaluate', 'Evaluate the champion on the time-ordered test part of a dataset.'))
+    p.add_argument('--version', help='a registered version instead of the champion')
+    return run_command(p, argv, lambda a: _evaluate(a, settings))

@@ -4,8 +4,8 @@
 
 # %% ../nbs/15_retrain.ipynb #bfd2b24e
 from __future__ import annotations
-import argparse, json, logging, time, uuid
-from dataclasses import dataclass, field
+import json, logging, signal, time, uuid
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,16 +13,18 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from .config import Settings, get_settings, require, to_env
+from fastcore.basics import patch
+from .config import Settings, command_parser, get_settings, require, run_command, to_env
 from . import db
-from .data import RAW_COLUMNS, LABEL
+from .data import RAW_COLUMNS, LABEL, DatasetSource, dataset_source
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RETRAIN_LOCK', 'last_watermark', 'labels_since', 'labelled_stream', 'historical_training_set', 'RetrainData',
-           'split_for_retraining', 'decide', 'template_path', 'render_html', 'RunOutcome', 'run_retraining',
-           'should_run', 'next_backoff', 'retrainer_loop', 'retrainer_main', 'retrain_main']
+__all__ = ['log', 'RETRAIN_LOCK', 'last_watermark', 'labels_since', 'labelled_stream', 'historical_source',
+           'historical_training_set', 'RetrainData', 'split_for_retraining', 'decide', 'template_path', 'render_html',
+           'RunOutcome', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop', 'retrainer_main',
+           'retrain_main']
 
 # %% ../nbs/15_retrain.ipynb #9093b81f
 def last_watermark(engine: sa.Engine) -> int:
@@ -55,18 +57,16 @@ def labelled_stream(engine: sa.Engine, watermark: int) -> pd.DataFrame:
     return df
 
 # %% ../nbs/15_retrain.ipynb #f19556ca
-def historical_training_set(settings: Settings, source_tag: str | None = None, train_fraction: float = 0.8,
-                            synthetic_n: int = 200_000) -> tuple[pd.DataFrame, str]:
-    "The earlier `train_fraction` of the dataset by `Time`, rebuilt from `source_tag` (a champion's `data` tag) when given."
-    import re
-    from fraud_nb.data import find_dataset, load_transactions, synthetic_transactions
-    m = re.fullmatch(r'synthetic:(\d+):seed=(\d+)', source_tag or '')
-    if m: df, source = synthetic_transactions(int(m[1]), seed=int(m[2])), f'synthetic ({int(m[1]):,} rows, seed {m[2]})'
-    elif source_tag and Path(source_tag).exists(): df, source = load_transactions(source_tag), source_tag
-    elif (path := find_dataset(settings)) is not None: df, source = load_transactions(path), str(path)
-    else: df, source = synthetic_transactions(synthetic_n, seed=0), f'synthetic ({synthetic_n:,} rows, seed 0)'
-    df = df.sort_values('Time', kind='stable')
-    return df.iloc[:int(len(df) * train_fraction)].reset_index(drop=True), source
+def historical_source(settings: Settings, source_tag: str | None = None) -> DatasetSource:
+    "The source a champion with `data` tag `source_tag` was trained on; else the configured dataset (or generated data)."
+    src = DatasetSource.from_tag(source_tag) if source_tag else None
+    if src is None or (src.path is not None and not src.path.is_file()): src = dataset_source(settings)
+    return src
+
+def historical_training_set(settings: Settings, source_tag: str | None = None) -> tuple[pd.DataFrame, DatasetSource]:
+    "The part of the champion's dataset it was fitted on (`history`: the earlier 80 % by time), and its source."
+    src = historical_source(settings, source_tag)
+    return src.load('history').reset_index(drop=True), src
 
 # %% ../nbs/15_retrain.ipynb #e34ff0ab
 @dataclass
@@ -77,16 +77,20 @@ class RetrainData:
     holdout: pd.DataFrame    # the newest labelled stream transactions: judged on, trained on by no one
     source: str              # where the historical set came from
 
-    def summary(self) -> pd.DataFrame:
-        "Counts, frauds and time ranges of each part, for the report."
-        def row(name, d):
-            t = d['event_time'] if 'event_time' in d and d['event_time'].notna().any() else None
-            return dict(part=name, transactions=len(d), frauds=int(d[LABEL].sum()) if len(d) else 0,
-                        fraud_rate=f"{d[LABEL].mean():.3%}" if len(d) else '-',
-                        first=(t.min() if t is not None else f"Time {d['Time'].min():,.0f} s") if len(d) else '-',
-                        last=(t.max() if t is not None else f"Time {d['Time'].max():,.0f} s") if len(d) else '-')
-        return pd.DataFrame([row('train', self.train), row('validation', self.valid), row('holdout', self.holdout)]).set_index('part')
+# %% ../nbs/15_retrain.ipynb #9359951c
+def _part_row(name: str, d: pd.DataFrame) -> dict:
+    t = d['event_time'] if 'event_time' in d and d['event_time'].notna().any() else None
+    when = lambda f: '-' if not len(d) else (f(t) if t is not None else f"Time {f(d['Time']):,.0f} s")
+    return dict(part=name, transactions=len(d), frauds=int(d[LABEL].sum()) if len(d) else 0,
+                fraud_rate=f"{d[LABEL].mean():.3%}" if len(d) else '-', first=when(lambda x: x.min()), last=when(lambda x: x.max()))
 
+@patch
+def summary(self: RetrainData) -> pd.DataFrame:
+    "Counts, frauds and time ranges of each part, for the report."
+    return pd.DataFrame([_part_row('train', self.train), _part_row('validation', self.valid),
+                         _part_row('holdout', self.holdout)]).set_index('part')
+
+# %% ../nbs/15_retrain.ipynb #cfd09f7e
 def split_for_retraining(historical: pd.DataFrame, stream: pd.DataFrame, source: str = '',
                          holdout_fraction: float = 0.3, valid_fraction: float = 0.2) -> RetrainData:
     "Keep the newest `holdout_fraction` of the labelled stream as holdout; split the rest (after the historical set) into train and validation by time."
@@ -98,8 +102,9 @@ def split_for_retraining(historical: pd.DataFrame, stream: pd.DataFrame, source:
                        holdout.reset_index(drop=True), source)
 
 # %% ../nbs/15_retrain.ipynb #ae9daad4
-def decide(champion: dict | None, challenger: dict, holdout_frauds: int, *, min_frauds: int = 10, ap_tolerance: float = 0.01) -> tuple[bool, str]:
-    "(promote?, the reason in one sentence) from the two models' holdout metrics (`cost`, `average_precision`)."
+def decide(champion: dict | None, challenger: dict, holdout_frauds: int, settings: Settings = Settings()) -> tuple[bool, str]:
+    "(promote?, the reason in one sentence) from the two models' holdout metrics (`cost`, `average_precision`), by `settings`' rule."
+    min_frauds, ap_tolerance = settings.promote_min_frauds, settings.promote_ap_tolerance
     if champion is None: return True, 'There is no champion yet, so the challenger becomes champion.'
     if holdout_frauds < min_frauds:
         return False, (f'The holdout holds only {holdout_frauds} fraud(s), fewer than the {min_frauds} needed to tell the models apart, '
@@ -150,54 +155,66 @@ def _record(engine, sql, **params):
     with engine.begin() as c: c.execute(sa.text(sql), params)
 
 # %% ../nbs/15_retrain.ipynb #dc70d8b0
+def _new_run(engine: sa.Engine, settings: Settings, trigger: str, run_id: str) -> tuple[Path, dict]:
+    "Record a `running` run; return its report path and the notebook's parameters."
+    new, watermark = labels_since(engine, last_watermark(engine))
+    stamp = datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    reports = Path(settings.reports_dir); reports.mkdir(parents=True, exist_ok=True)
+    out = (reports/f'retrain-{stamp}-{run_id}.ipynb').absolute()
+    _record(engine, '''INSERT INTO retrain_runs (run_id, trigger, label_watermark, new_labels, status, report_ipynb)
+                       VALUES (:r, :t, :w, :n, 'running', :p)''', r=run_id, t=trigger, w=watermark, n=new, p=str(out))
+    return out, dict(settings_env=to_env(settings), label_watermark=watermark, run_id=run_id, result_path=str(out.with_suffix('.json')))
+
+# %% ../nbs/15_retrain.ipynb #ad783d2a
+def _execute(out: Path, params: dict, template: Path | None, timeout_s: float) -> RunOutcome:
+    "Run the template with papermill into `out`: the outcome from its result file, or the error; with the HTML rendering."
+    import papermill as pm
+    outcome = RunOutcome(params['run_id'], 'failed', report_ipynb=out)
+    try:
+        pm.execute_notebook(str(template or template_path()), str(out), parameters=params, kernel_name='python3', language='python',
+                            progress_bar=False, execution_timeout=int(timeout_s), cwd=str(Path.cwd()))
+        outcome.result = json.loads(Path(params['result_path']).read_text())
+        outcome.status, outcome.decision, outcome.reason = 'succeeded', outcome.result['decision'], outcome.result['reason']
+    except Exception as e:
+        outcome.error = f'{type(e).__name__}: {e}'[:4000]
+        log.error('retraining run %s failed: %s', outcome.run_id, outcome.error)
+    if out.exists():
+        try: outcome.report_html = render_html(out)
+        except Exception as e: log.warning('could not render %s: %s', out, e)
+    return outcome
+
+# %% ../nbs/15_retrain.ipynb #8712bc27
+def _finish_run(engine: sa.Engine, outcome: RunOutcome):
+    "Record the outcome of a run in its `retrain_runs` row."
+    r, dump = outcome.result, lambda m: json.dumps(m) if m else None
+    _record(engine, '''UPDATE retrain_runs SET finished_at = now(), status = :s, decision = :d, reason = :why, error = :e,
+                           champion_version = :cv, challenger_version = :nv, champion_metrics = :cm, challenger_metrics = :nm,
+                           report_html = :h, duration_s = :dur WHERE run_id = :r''',
+            s=outcome.status, d=outcome.decision, why=outcome.reason, e=outcome.error, r=outcome.run_id,
+            cv=r.get('champion_version'), nv=r.get('challenger_version'), cm=dump(r.get('champion_metrics')),
+            nm=dump(r.get('challenger_metrics')), h=str(outcome.report_html) if outcome.report_html else None, dur=outcome.duration_s)
+
+# %% ../nbs/15_retrain.ipynb #9772ea9a
 def run_retraining(settings: Settings, *, trigger: str = 'manual', parameters: dict | None = None,
                    timeout_s: float = 1800, template: Path | None = None) -> RunOutcome:
     "Run the retraining notebook once (if no other run holds the lock) and record it in `retrain_runs`."
-    import papermill as pm
     require(settings, 'database_url', 'mlflow_tracking_uri')
     engine = db.make_engine(settings.database_url)
-    run_id = uuid.uuid4().hex[:8]
-    started = time.monotonic()
-    with engine.connect() as lock_conn:
-        if not lock_conn.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar():
-            engine.dispose(); return RunOutcome(run_id, 'skipped', reason='another retraining run holds the lock')
-        try:
-            wm_before = last_watermark(engine)
-            new, watermark = labels_since(engine, wm_before)
-            stamp = datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-            reports = Path(settings.reports_dir); reports.mkdir(parents=True, exist_ok=True)
-            out = (reports/f'retrain-{stamp}-{run_id}.ipynb').absolute()
-            result_path = out.with_suffix('.json')
-            _record(engine, '''INSERT INTO retrain_runs (run_id, trigger, label_watermark, new_labels, status, report_ipynb)
-                               VALUES (:r, :t, :w, :n, 'running', :p)''', r=run_id, t=trigger, w=watermark, n=new, p=str(out))
-            params = dict(settings_env=to_env(settings), label_watermark=watermark, run_id=run_id, result_path=str(result_path), **(parameters or {}))
-            outcome = RunOutcome(run_id, 'failed', report_ipynb=out)
+    run_id, started = uuid.uuid4().hex[:8], time.monotonic()
+    try:
+        with engine.connect() as lock_conn:
+            if not lock_conn.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar():
+                return RunOutcome(run_id, 'skipped', reason='another retraining run holds the lock')
             try:
-                pm.execute_notebook(str(template or template_path()), str(out), parameters=params, kernel_name='python3', language='python',
-                                    progress_bar=False, execution_timeout=int(timeout_s), cwd=str(Path.cwd()))
-                outcome.result = json.loads(result_path.read_text())
-                outcome.status, outcome.decision, outcome.reason = 'succeeded', outcome.result['decision'], outcome.result['reason']
-            except Exception as e:
-                outcome.error = f'{type(e).__name__}: {e}'[:4000]
-                log.error('retraining run %s failed: %s', run_id, outcome.error)
-            if out.exists():
-                try: outcome.report_html = render_html(out)
-                except Exception as e: log.warning('could not render %s: %s', out, e)
-            outcome.duration_s = time.monotonic() - started
-            r = outcome.result
-            _record(engine, '''UPDATE retrain_runs SET finished_at = now(), status = :s, decision = :d, reason = :why, error = :e,
-                                   champion_version = :cv, challenger_version = :nv, champion_metrics = :cm, challenger_metrics = :nm,
-                                   report_html = :h, duration_s = :dur WHERE run_id = :r''',
-                    s=outcome.status, d=outcome.decision, why=outcome.reason, e=outcome.error, r=run_id,
-                    cv=r.get('champion_version'), nv=r.get('challenger_version'),
-                    cm=json.dumps(r.get('champion_metrics')) if r.get('champion_metrics') else None,
-                    nm=json.dumps(r.get('challenger_metrics')) if r.get('challenger_metrics') else None,
-                    h=str(outcome.report_html) if outcome.report_html else None, dur=outcome.duration_s)
-            _log_report(settings, outcome)
-            return outcome
-        finally:
-            lock_conn.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': RETRAIN_LOCK}); lock_conn.commit()
-            engine.dispose()
+                out, params = _new_run(engine, settings, trigger, run_id)
+                outcome = _execute(out, {**params, **(parameters or {})}, template, timeout_s)
+                outcome.duration_s = time.monotonic() - started
+                _finish_run(engine, outcome)
+                _log_report(settings, outcome)
+                return outcome
+            finally:
+                lock_conn.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': RETRAIN_LOCK}); lock_conn.commit()
+    finally: engine.dispose()
 
 # %% ../nbs/15_retrain.ipynb #37a7a247
 def _log_report(settings: Settings, outcome: RunOutcome):
@@ -249,23 +266,26 @@ def retrainer_loop(settings: Settings, *, max_runs: int | None = None, stop=lamb
     return runs
 
 # %% ../nbs/15_retrain.ipynb #502b47fd
-def retrainer_main(argv: list[str]) -> int:
-    "`fraud-nb retrainer`: the trigger service."
-    import signal
-    argparse.ArgumentParser(prog='fraud-nb retrainer', description='retrain when enough new labels have arrived').parse_args(argv)
+def _retrainer(a) -> int:
     settings = get_settings()
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     log.info('retrainer: retraining after %d new labels, checking every %.0f s', settings.retrain_min_labels, settings.retrain_poll_s)
     retrainer_loop(settings, stop=lambda: bool(stopping))
-    return 0
 
-def retrain_main(argv: list[str]) -> int:
-    "`fraud-nb retrain --now`: one run by hand, whatever the label count."
-    ap = argparse.ArgumentParser(prog='fraud-nb retrain', description='run one retraining now')
-    ap.add_argument('--now', action='store_true', required=True, help='run now, whatever the number of new labels')
-    ap.parse_args(argv)
+def retrainer_main(argv: list[str]) -> int:
+    "`fraud-nb retrainer`: the trigger service."
+    return run_command(command_parser('retrainer', 'retrain when enough new labels have arrived'), argv, _retrainer)
+
+# %% ../nbs/15_retrain.ipynb #cf42d979
+def _retrain_now(a) -> int:
     o = run_retraining(get_settings(), trigger='manual')
     print(f'run {o.run_id}: {o.status}' + (f' — {o.reason}' if o.reason else '') + (f' — {o.error}' if o.error else ''))
     if o.report_html: print(f'report: {o.report_html}')
     return 0 if o.status == 'succeeded' else 1
+
+def retrain_main(argv: list[str]) -> int:
+    "`fraud-nb retrain --now`: one run by hand, whatever the label count."
+    p = command_parser('retrain', 'run one retraining now')
+    p.add_argument('--now', action='store_true', required=True, help='run now, whatever the number of new labels')
+    return run_command(p, argv, _retrain_now)

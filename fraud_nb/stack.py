@@ -11,7 +11,7 @@ from typing import Callable
 
 import psutil
 
-from .config import Settings, get_settings, to_env, STACK_FILE
+from .config import Settings, get_settings, to_env, read_stack_file, with_stack_endpoints, STACK_FILE
 from . import db
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,6 @@ def ensure_schema(database_url: str) -> list[str]:
 
 def ensure_mlflow_store(tracking_uri: str) -> None:
     "Create MLflow's database and run its migrations (first use takes a few seconds)."
-    os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
     if tracking_uri.startswith('postgresql'): db.create_database(tracking_uri, db.make_url(tracking_uri).database)
     from mlflow.tracking import MlflowClient
     MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).search_experiments(max_results=1)
@@ -166,9 +165,7 @@ class Stack:
         self.state_path = self.dir/STACK_FILE
 
     # ---- state file -------------------------------------------------------------------------
-    def read_state(self) -> dict:
-        try: return json.loads(self.state_path.read_text())
-        except FileNotFoundError: return {'services': {}}
+    def read_state(self) -> dict: return read_stack_file(self.dir) or {'services': {}}
 
     def _write_state(self, state: dict):
         tmp = self.state_path.with_suffix('.tmp')
@@ -186,11 +183,9 @@ class Stack:
 
     # ---- settings the services see -----------------------------------------------------------
     def service_settings(self, state: dict | None = None) -> Settings:
-        "The settings with the endpoints of this stack filled in."
+        "The settings with the endpoints of this stack filled in (they win: its services talk to this stack)."
         from dataclasses import replace
-        st = state or self.read_state()
-        fill = {k: st[k] for k in ('kafka_bootstrap', 'database_url', 'mlflow_tracking_uri') if st.get(k)}
-        return replace(self.settings, state_dir=self.dir, **fill)
+        return with_stack_endpoints(replace(self.settings, state_dir=self.dir), state or self.read_state(), override=True)
 
 # %% ../nbs/10_stack.ipynb #c1298965
 def _start_postgres(self: Stack, state: dict) -> dict:
@@ -236,7 +231,7 @@ def _start_mlflow_ui(self: Stack, state: dict) -> dict:
     uri = state['mlflow_tracking_uri']
     p = spawn([sys.executable, '-m', 'mlflow', 'server', '--backend-store-uri', uri, '--registry-store-uri', uri,
                '--default-artifact-root', (self.dir/'mlartifacts').as_uri(), '--host', s.host, '--port', str(port),
-               '--workers', '1'], self.log_path('mlflow-ui'), env={'MLFLOW_DISABLE_TELEMETRY': 'true'})
+               '--workers', '1'], self.log_path('mlflow-ui'))  # inherits MLFLOW_DISABLE_TELEMETRY from fraud_nb.config
     url = f'http://{s.host}:{port}'
     wait_until(lambda: http_healthy(url + '/health'), 120, 'mlflow-ui', interval=0.5, proc=p)
     return {**proc_record(p), 'where': url, 'url': url, 'log': str(self.log_path('mlflow-ui'))}
@@ -246,7 +241,7 @@ Stack._start_mlflow_ui = _start_mlflow_ui
 # %% ../nbs/10_stack.ipynb #828ef217
 def _start_app(self: Stack, state: dict, svc: AppService) -> dict:
     s = self.service_settings(state)
-    env = {**to_env(s), 'MLFLOW_DISABLE_TELEMETRY': 'true', 'PYTHONUNBUFFERED': '1'}
+    env = {**to_env(s), 'PYTHONUNBUFFERED': '1'}
     p = spawn([sys.executable, '-m', 'fraud_nb.cli', *svc.argv], self.log_path(svc.name), env=env, cwd=Path.cwd())
     if svc.health: wait_until(lambda: svc.health(s), svc.startup_s, svc.name, interval=0.5, proc=p)
     else:
