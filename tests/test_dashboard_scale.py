@@ -15,7 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from fraud_nb import db
-from fraud_nb.dashboard import DataSource, WINDOWS
+from fraud_nb.dashboard_data import DataSource
+from fraud_nb.dashboard_queries import WINDOWS
 from conftest import ARTIFACTS
 
 N = int(os.environ.get('DASHBOARD_SCALE_ROWS', 10_000_000))
