@@ -8,13 +8,16 @@ STAMP := $(VENV)/.installed-stamp
 export MLFLOW_DISABLE_TELEMETRY := true
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install browser check nbtest pytest export clean-nbs down status bench help
+.PHONY: demo test install browser check nbtest pytest export readme docs lab clean-nbs down status bench help
 
 help:
 	@echo "make demo   - install, bring up the whole system on embedded services, print the URLs"
-	@echo "make test   - install, check notebooks and package are in sync, run nbdev_test and pytest"
+	@echo "make test   - install, check notebooks and package are in sync, build the docs, run nbdev_test and pytest"
 	@echo "make down   - stop everything 'make demo' started"
 	@echo "make bench  - run the scorer benchmark (figures printed)"
+	@echo "make lab    - JupyterLab on nbs/, wired to the running embedded stack (starts its core services)"
+	@echo "make docs   - build the documentation site from nbs/ and docs/ into _docs/"
+	@echo "make export - notebooks -> fraud_nb/, clean the notebooks, README.md from nbs/index.ipynb"
 
 $(STAMP): settings.ini setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +50,19 @@ bench: install
 
 export: install
 	cd nbs && ../$(BIN)/nbdev_export && ../$(BIN)/nbdev_clean
+	$(PY) docs/build.py readme
+
+# README.md is generated from nbs/index.ipynb (the site's home page): edit the notebook.
+readme: install
+	$(PY) docs/build.py readme
+
+# The site: Sphinx + MyST-NB from nbs/ and docs/ into _docs/ (no Quarto, notebooks not executed).
+docs: install
+	$(PY) docs/build.py
+
+# JupyterLab on nbs/ against the running embedded stack (its core services are started if they are not up).
+lab: install
+	$(PY) -m fraud_nb.lab
 
 # Notebooks are the source: fail if exporting would change fraud_nb/ or if a notebook is not clean.
 check: install
@@ -58,4 +74,4 @@ nbtest: install
 pytest: install browser
 	$(BIN)/pytest
 
-test: install browser check nbtest pytest
+test: install browser check docs nbtest pytest

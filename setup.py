@@ -30,7 +30,8 @@ setuptools.setup(
     install_requires=_reqs('requirements'),
     extras_require={'dev': _reqs('dev_requirements'),
                     'test': _reqs('test_requirements'),
-                    'all': _reqs('dev_requirements') + _reqs('test_requirements')},
+                    'docs': _reqs('docs_requirements'),   # the documentation site: `make docs`
+                    'all': _reqs('dev_requirements') + _reqs('test_requirements') + _reqs('docs_requirements')},
     entry_points={'console_scripts': cfg.get('console_scripts', '').split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
