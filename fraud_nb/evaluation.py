@@ -9,11 +9,12 @@ import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score, precision_recall_curve
 import matplotlib
 import matplotlib.pyplot as plt
+from .config import DEFAULT_REVIEW_COST
 from .data import LABEL
 
 # %% auto #0
-__all__ = ['expected_cost', 'cost_curve', 'choose_threshold', 'evaluate', 'bootstrap_ci', 'plot_pr_curve',
-           'plot_score_distribution', 'plot_cost_curve', 'plot_feature_importance']
+__all__ = ['expected_cost', 'cost_curve', 'choose_threshold', 'evaluate', 'bootstrap_ci', 'delay_split', 'card_precision_at_k',
+           'plot_pr_curve', 'plot_score_distribution', 'plot_cost_curve', 'plot_feature_importance']
 
 # %% ../nbs/05_evaluation.ipynb #e3ab5388
 def _arrays(y, p, amount=None):
@@ -24,14 +25,14 @@ def _arrays(y, p, amount=None):
     if a.shape != y.shape: raise ValueError(f'amount must have the length of y ({len(y)}), got {a.shape}')
     return y, p, a
 
-def expected_cost(y, p, amount, threshold: float, review_cost: float = 5.0) -> float:
+def expected_cost(y, p, amount, threshold: float, review_cost: float = DEFAULT_REVIEW_COST) -> float:
     "Amount of the frauds missed at `threshold` plus `review_cost` per false alarm."
     y, p, a = _arrays(y, p, amount)
     flagged = p >= threshold
     return float(a[y & ~flagged].sum() + review_cost * np.count_nonzero(~y & flagged))
 
 # %% ../nbs/05_evaluation.ipynb #e1d0db18
-def cost_curve(y, p, amount, review_cost: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def cost_curve(y, p, amount, review_cost: float = DEFAULT_REVIEW_COST) -> tuple[np.ndarray, np.ndarray]:
     "(thresholds, costs): flagging `p >= t` for every distinct score `t`, highest first; the first entry is 'flag nothing'."
     y, p, a = _arrays(y, p, amount)
     order = np.argsort(-p, kind='stable')
@@ -45,7 +46,7 @@ def cost_curve(y, p, amount, review_cost: float = 5.0) -> tuple[np.ndarray, np.n
     costs = np.r_[total, total - caught + review_cost * false_alarms]
     return thresholds, costs
 
-def choose_threshold(y, p, amount, review_cost: float = 5.0) -> float:
+def choose_threshold(y, p, amount, review_cost: float = DEFAULT_REVIEW_COST) -> float:
     "The threshold that minimises `expected_cost` on (y, p, amount): missed fraud amounts + review_cost per false alarm."
     thresholds, costs = cost_curve(y, p, amount, review_cost)
     if len(thresholds) == 1: raise ValueError('cannot choose a threshold on no data')
@@ -58,7 +59,29 @@ def choose_threshold(y, p, amount, review_cost: float = 5.0) -> float:
 # %% ../nbs/05_evaluation.ipynb #664b613c
 def _ratio(a, b): return float(a / b) if b else float('nan')
 
-def evaluate(model_or_proba, df: pd.DataFrame, *, review_cost: float = 5.0, threshold: float | None = None,
+def _operating_point(y, p, a, threshold: float, review_cost: float) -> dict:
+    "Counts, threshold-free metrics, confusion matrix and cost of flagging `p >= threshold`."
+    flagged = p >= threshold
+    tp = int(np.count_nonzero(y & flagged)); fp = int(np.count_nonzero(~y & flagged))
+    fn = int(np.count_nonzero(y & ~flagged)); tn = int(np.count_nonzero(~y & ~flagged))
+    both = 0 < y.sum() < len(y)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    cost = expected_cost(y, p, a, threshold, review_cost)
+    none, every = float(a[y].sum()), float(review_cost * np.count_nonzero(~y))
+    return dict(n=len(y), frauds=int(y.sum()), fraud_rate=_ratio(y.sum(), len(y)),
+                average_precision=float(average_precision_score(y, p)) if both else float('nan'),
+                roc_auc=float(roc_auc_score(y, p)) if both else float('nan'),
+                threshold=threshold, review_cost=float(review_cost),
+                alerts=tp + fp, precision=precision, recall=recall,
+                f1=_ratio(2 * precision * recall, precision + recall) if tp else 0.0,
+                tp=tp, fp=fp, tn=tn, fn=fn,
+                fraud_amount=none, fraud_amount_caught=float(a[y & flagged].sum()),
+                cost=cost, cost_flag_none=none, cost_flag_all=every,
+                saved_vs_flag_none=none - cost, saved_vs_flag_all=every - cost,
+                saved_fraction=_ratio(none - cost, none))
+
+# %% ../nbs/05_evaluation.ipynb #6574b308
+def evaluate(model_or_proba, df: pd.DataFrame, *, review_cost: float = DEFAULT_REVIEW_COST, threshold: float | None = None,
              top_k=(100, 500)) -> dict:
     "Threshold-free, operating-point, cost and top-k metrics of a model (or of probabilities) on labelled `df`."
     if hasattr(model_or_proba, 'predict_proba'):
@@ -70,24 +93,7 @@ def evaluate(model_or_proba, df: pd.DataFrame, *, review_cost: float = 5.0, thre
         source = 'given' if threshold is not None else 'chosen_on_this_data'
     y, p, a = _arrays(df[LABEL].to_numpy(), p, df['Amount'].to_numpy())
     if threshold is None: threshold = choose_threshold(y, p, a, review_cost)
-    flagged = p >= threshold
-    tp = int(np.count_nonzero(y & flagged)); fp = int(np.count_nonzero(~y & flagged))
-    fn = int(np.count_nonzero(y & ~flagged)); tn = int(np.count_nonzero(~y & ~flagged))
-    both = 0 < y.sum() < len(y)
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    cost = expected_cost(y, p, a, threshold, review_cost)
-    none, every = float(a[y].sum()), float(review_cost * np.count_nonzero(~y))
-    m = dict(n=len(y), frauds=int(y.sum()), fraud_rate=_ratio(y.sum(), len(y)),
-             average_precision=float(average_precision_score(y, p)) if both else float('nan'),
-             roc_auc=float(roc_auc_score(y, p)) if both else float('nan'),
-             threshold=float(threshold), threshold_source=source, review_cost=float(review_cost),
-             alerts=tp + fp, precision=precision, recall=recall,
-             f1=_ratio(2 * precision * recall, precision + recall) if tp else 0.0,
-             tp=tp, fp=fp, tn=tn, fn=fn,
-             fraud_amount=none, fraud_amount_caught=float(a[y & flagged].sum()),
-             cost=cost, cost_flag_none=none, cost_flag_all=every,
-             saved_vs_flag_none=none - cost, saved_vs_flag_all=every - cost,
-             saved_fraction=_ratio(none - cost, none))
+    m = _operating_point(y, p, a, float(threshold), review_cost) | dict(threshold_source=source)
     order = np.argsort(-p, kind='stable')
     for k in top_k:
         top = y[order[:k]]
@@ -108,12 +114,38 @@ def bootstrap_ci(y, p, metric_fn, n_boot: int = 200, seed: int = 0, alpha: float
     lo, hi = np.nanpercentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
 
+# %% ../nbs/05_evaluation.ipynb #d8078b9d
+def _days(df: pd.DataFrame) -> pd.Series:
+    "Each transaction's UTC day."
+    return pd.to_datetime(df['event_time'], utc=True, format='ISO8601').dt.floor('D')
+
+def delay_split(df: pd.DataFrame, test_days: int = 7, delay_days: int = 7, known_days: int = 7) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "(train, test): train before the last `test_days + delay_days` days, test the last `test_days` days minus known-fraud cards."
+    day = _days(df).to_numpy()
+    test_start = day.max() - np.timedelta64(test_days - 1, 'D')
+    train_end = test_start - np.timedelta64(delay_days, 'D')  # exclusive
+    train, test = day < train_end, day >= test_start
+    recent_fraud = train & (day >= train_end - np.timedelta64(known_days, 'D')) & (df[LABEL].to_numpy() == 1)
+    test &= ~df['card_id'].isin(df['card_id'].to_numpy()[recent_fraud]).to_numpy()
+    return df[train].copy(), df[test].copy()
+
+# %% ../nbs/05_evaluation.ipynb #60478d1d
+def card_precision_at_k(df: pd.DataFrame, scores, k: int = 100) -> float:
+    "Mean over days of the share of the day's `k` top-scored cards (by max score) that had a fraud that day."
+    d = pd.DataFrame(dict(day=_days(df).to_numpy(), card=df['card_id'].to_numpy(),
+                          p=np.asarray(scores, np.float64), y=df[LABEL].to_numpy()))
+    if d.empty: return float('nan')
+    cards = d.groupby(['day', 'card']).agg(p=('p', 'max'), y=('y', 'max')).reset_index()
+    top = cards.sort_values(['day', 'p', 'card'], ascending=[True, False, True]).groupby('day').head(k)
+    return float((top.groupby('day')['y'].sum() / k).mean())
+
 # %% ../nbs/05_evaluation.ipynb #ba1c448d
 def _figure(w=6.0, h=4.0):
     fig, ax = plt.subplots(figsize=(w, h), layout='constrained')
     plt.close(fig)
     return fig, ax
 
+# %% ../nbs/05_evaluation.ipynb #cf9f9147
 def plot_pr_curve(curves: dict) -> matplotlib.figure.Figure:
     "Precision-recall curves of several models: `curves` maps a name to `(y, p)`."
     fig, ax = _figure()
@@ -126,6 +158,7 @@ def plot_pr_curve(curves: dict) -> matplotlib.figure.Figure:
     ax.grid(alpha=0.3); ax.legend(loc='lower left')
     return fig
 
+# %% ../nbs/05_evaluation.ipynb #5fc2bc32
 def plot_score_distribution(y, p, threshold: float | None = None) -> matplotlib.figure.Figure:
     "Histograms of the scores of legitimate and fraudulent transactions (log count scale)."
     y, p = _arrays(y, p)
@@ -138,7 +171,8 @@ def plot_score_distribution(y, p, threshold: float | None = None) -> matplotlib.
     ax.legend()
     return fig
 
-def plot_cost_curve(y, p, amount, review_cost: float = 5.0, threshold: float | None = None) -> matplotlib.figure.Figure:
+# %% ../nbs/05_evaluation.ipynb #7dfabdec
+def plot_cost_curve(y, p, amount, review_cost: float = DEFAULT_REVIEW_COST, threshold: float | None = None) -> matplotlib.figure.Figure:
     "Total cost (missed fraud amounts + reviews of false alarms) against the threshold."
     thresholds, costs = cost_curve(y, p, amount, review_cost)
     fig, ax = _figure()
@@ -153,6 +187,7 @@ def plot_cost_curve(y, p, amount, review_cost: float = 5.0, threshold: float | N
     ax.grid(alpha=0.3); ax.legend()
     return fig
 
+# %% ../nbs/05_evaluation.ipynb #bc05de46
 def plot_feature_importance(model, top: int = 15) -> matplotlib.figure.Figure:
     "The `top` features by total gain of a `FraudModel`'s trees."
     gain = model.booster.get_score(importance_type='total_gain')
