@@ -9,11 +9,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 # %% auto #0
-__all__ = ['MIGRATIONS', 'MIGRATION_LOCK', 'migrate', 'make_engine', 'with_database', 'create_database', 'drop_database']
+__all__ = ['MIGRATIONS', 'migrate', 'make_engine', 'with_database', 'create_database', 'drop_database']
 
-# %% ../nbs/07_db.ipynb #91b1a190
-MIGRATIONS: list[tuple[str, str]] = [
-    ('001_core', """
+# %% ../nbs/07_db.ipynb #cb8e5adf
+_SCORED_TRANSACTIONS = """
 CREATE TABLE scored_transactions (
     tx_id           text PRIMARY KEY,
     event_time      timestamptz NOT NULL,
@@ -34,7 +33,10 @@ CREATE TABLE scored_transactions (
 );
 CREATE INDEX scored_transactions_scored_at ON scored_transactions (scored_at);
 CREATE INDEX scored_transactions_flagged ON scored_transactions (scored_at) WHERE is_fraud;
+"""
 
+# %% ../nbs/07_db.ipynb #cc1ddae1
+_LABELS = """
 CREATE TABLE labels (
     tx_id       text PRIMARY KEY,
     label       smallint NOT NULL CHECK (label IN (0, 1)),
@@ -42,7 +44,10 @@ CREATE TABLE labels (
     received_at timestamptz NOT NULL DEFAULT now(),
     seq         bigserial NOT NULL UNIQUE             -- arrival order: the retrainer's watermark
 );
+"""
 
+# %% ../nbs/07_db.ipynb #de99a0ac
+_RETRAIN_RUNS = """
 CREATE TABLE retrain_runs (
     run_id             text PRIMARY KEY,
     started_at         timestamptz NOT NULL DEFAULT now(),
@@ -63,7 +68,10 @@ CREATE TABLE retrain_runs (
     duration_s         double precision
 );
 CREATE INDEX retrain_runs_started ON retrain_runs (started_at);
+"""
 
+# %% ../nbs/07_db.ipynb #a1cdd3b1
+_SCORER_STATS = """
 CREATE TABLE scorer_stats (
     id              bigserial PRIMARY KEY,
     scorer_id       text NOT NULL,
@@ -80,7 +88,10 @@ CREATE TABLE scorer_stats (
     model_version   text
 );
 CREATE INDEX scorer_stats_ts ON scorer_stats (ts);
+"""
 
+# %% ../nbs/07_db.ipynb #d058e59b
+_SCORED_ROLLUP = """
 CREATE TABLE scored_rollup (
     bucket        timestamptz NOT NULL,               -- scored_at truncated to the second
     model_version text NOT NULL,
@@ -92,7 +103,11 @@ CREATE TABLE scored_rollup (
     score_hist    bigint[] NOT NULL,                   -- counts of probability in 10 buckets of width 0.1
     PRIMARY KEY (bucket, model_version)
 );
-"""),
+"""
+
+# %% ../nbs/07_db.ipynb #878af8ba
+MIGRATIONS: list[tuple[str, str]] = [
+    ('001_core', _SCORED_TRANSACTIONS + _LABELS + _RETRAIN_RUNS + _SCORER_STATS + _SCORED_ROLLUP),
     ('002_dashboard', """
 -- the dashboard's recall: fraud labels received since a time, joined to their scored rows (rare rows, small index)
 CREATE INDEX labels_fraud_received ON labels (received_at) WHERE label = 1;
@@ -106,7 +121,7 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(';') if s.strip()]
 
 # %% ../nbs/07_db.ipynb #dd9f7f5e
-MIGRATION_LOCK = 724_001  # advisory lock key: one migrator at a time
+from .pg import MIGRATION_LOCK  # advisory lock key (the table of keys is fraud_nb.pg.ADVISORY_LOCKS): one migrator at a time
 
 def migrate(engine: sa.Engine) -> list[str]:
     "Apply the migrations this database has not seen yet, in order; return their names."
