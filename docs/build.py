@@ -63,6 +63,7 @@ def chapter_map(link=lambda p: p.name) -> str:
 
 
 # ---- show_doc, rendered from the installed package ------------------------------------------------------------------
+_STOCK_DOC = re.compile(r'^\*(Call self as a function\.|Initialize self\.\s+See help\(type\(self\)\) for accurate signature\.)\*\s*$', re.M)
 _SOURCE_LINK = re.compile(r'^\[source\]\(.*\)\{.*\}\s*$', re.M)
 
 def render_show_doc(src: str, module: str | None) -> str | None:
@@ -83,6 +84,7 @@ def render_show_doc(src: str, module: str | None) -> str | None:
         md = show_doc(obj, **kw)._repr_markdown_()
     md = _SOURCE_LINK.sub('', md).replace('\n---\n', '\n', 1).lstrip('-\n')
     if inspect.isclass(obj): md = md.replace('```python\ndef ', '```python\nclass ', 1)
+    md = _STOCK_DOC.sub('', md)   # no docstring: say nothing rather than Python's generic text
     return md.strip() + '\n'
 
 
