@@ -6,6 +6,7 @@ from pathlib import Path
 import psycopg2
 
 from conftest import service_env, fraud_nb_cmd
+from fraud_nb.pg import pg_params
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 0.2):
@@ -23,20 +24,12 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.2):
 
 def query(settings, sql, params=None):
     "Rows of one query on the settings' database (a fresh connection each time: works across outages)."
-    conn = psycopg2.connect(**_pg_kwargs(settings.database_url), connect_timeout=3)
+    conn = psycopg2.connect(**pg_params(settings.database_url), connect_timeout=3)
     try:
         with conn.cursor() as cur:
             cur.execute(sql, params)
             return cur.fetchall()
     finally: conn.close()
-
-
-def _pg_kwargs(url):
-    from sqlalchemy.engine import make_url
-    u = make_url(url)
-    kw = {k: v for k, v in dict(host=u.host, port=u.port, user=u.username, password=u.password, dbname=u.database).items() if v is not None}
-    kw.update({k: (v if isinstance(v, str) else v[-1]) for k, v in u.query.items()})
-    return kw
 
 
 def scored_count(settings) -> int:

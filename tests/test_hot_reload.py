@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from fraud_nb.scorer import ModelWatcher, signal_champion_changed, vet_model
+from fraud_nb.reload import ModelWatcher, signal_champion_changed, vet_model
 from scorer_helpers import wait_for, query, scored_count, train_champion, stop, tail, check_exactly_once, scorer_under_stream
 
 

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from fraud_nb.stream import NUMERIC_FIELDS, MAX_MESSAGE_BYTES
-from fraud_nb.scorer import read_dead_letter, copy_rows
+from fraud_nb.contracts import NUMERIC_FIELDS, MAX_MESSAGE_BYTES, read_dead_letter
+from fraud_nb.pg import copy_rows
 from scorer_helpers import (wait_for, query, scored_count, train_champion, produce, send_raw, read_topic, start_scorer, stop,
                             tail, check_exactly_once, wait_consuming, assigned_partitions)
 
@@ -81,7 +81,8 @@ def test_copy_rows_with_mixed_id_lengths_round_trips(settings):
     "The binary COPY path when ids differ in length (the per-row branch) stores the same values, stamped with the write time."
     import io
     import numpy as np
-    from fraud_nb.scorer import pg_connect, STAGE_DDL, STAGE_TABLE, STAGE_COPY_SQL
+    from fraud_nb.pg import pg_connect
+    from fraud_nb.scorer_db import STAGE_DDL, STAGE_TABLE, STAGE_COPY_SQL
     rng = np.random.default_rng(0)
     X = rng.normal(size=(3, 30)); ids = ['a', 'bb-22', 'c' * 128]
     rows = copy_rows(np.array([0, 1, 2]), np.array([5, 6, 7]), np.array([1_700_000_000_000_000] * 3), np.array([0, 1, 2]),
