@@ -1,6 +1,8 @@
 """Model quality on the real dataset: the time-ordered evaluation behind the figures in the docs.
 
-    .venv/bin/python benchmarks/model_quality.py [--data ../shared/data/creditcard.csv.gz] [--variants default,no_refit,...]
+    .venv/bin/python benchmarks/model_quality.py [--data PATH] [--variants default,no_refit,...]
+
+The dataset: --data, else $CREDITCARD_CSV, else the user's copy in data/raw_data/ (creditcard.csv or .csv.gz).
 
 Trains on the first 80 % by `Time` (60 % train, 20 % validation for early stopping and the threshold), tests on the last
 20 %, exactly as `fraud-nb train` does, for the default configuration and for the alternatives that were compared
@@ -14,12 +16,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from fraud_nb.data import load_transactions, time_split
+from fraud_nb.config import DEFAULT_REVIEW_COST
+from fraud_nb.data import DatasetSource
 from fraud_nb.model import train_model
 from fraud_nb.evaluation import evaluate, bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent/'shared'/'data'/'creditcard.csv.gz'
+DEFAULT_DATA = os.environ.get('CREDITCARD_CSV') or next(
+    (str(p) for p in (ROOT/'data'/'raw_data'/'creditcard.csv', ROOT/'data'/'raw_data'/'creditcard.csv.gz') if p.is_file()), None)
 
 # name -> keyword arguments of train_model (on top of the defaults, which `fraud-nb train` uses)
 VARIANTS = {
@@ -34,13 +38,14 @@ VARIANTS = {
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--data', default=str(DEFAULT_DATA))
+    ap.add_argument('--data', default=DEFAULT_DATA, help='the creditcard dataset (default: $CREDITCARD_CSV, else data/raw_data/)')
     ap.add_argument('--variants', default=','.join(VARIANTS), help=f'comma-separated, from {", ".join(VARIANTS)}')
-    ap.add_argument('--review-cost', type=float, default=5.0)
+    ap.add_argument('--review-cost', type=float, default=DEFAULT_REVIEW_COST)
     ap.add_argument('--seed', type=int, default=0)
     a = ap.parse_args(argv)
-    df = load_transactions(a.data)
-    train, valid, test = time_split(df)
+    if not a.data: ap.error('no dataset: pass --data PATH or set CREDITCARD_CSV')
+    parts = DatasetSource.file(a.data).parts()   # the split of `fraud-nb train`
+    df, train, valid, test = parts['all'], parts['train'], parts['valid'], parts['test']
     print(f'{a.data}: {len(df):,} rows; train {len(train):,} ({train.Class.sum()} frauds), valid {len(valid):,} '
           f'({valid.Class.sum()}), test {len(test):,} ({test.Class.sum()}); {os.cpu_count()} cores', file=sys.stderr)
     rows = []

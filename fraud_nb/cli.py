@@ -4,10 +4,10 @@
 
 # %% ../nbs/20_cli.ipynb #a70ad3e5
 from __future__ import annotations
-import argparse, importlib, json, logging, os, sys
+import importlib, json, logging, os, sys
 from dataclasses import replace
 
-from .config import ConfigError, get_settings, describe
+from .config import UserError, command_parser, describe, get_settings, require, run_command
 
 # %% auto #0
 __all__ = ['COMMANDS', 'HELP', 'DEMO', 'APPS', 'resolve', 'main', 'up_main', 'down_main', 'status_main', 'config_main',
@@ -44,10 +44,9 @@ HELP = {
 
 # %% ../nbs/20_cli.ipynb #02e4338a
 def resolve(name: str):
-    "The function behind subcommand `name`."
+    "The function behind subcommand `name` (an import error is a defect of the build, and shows as one)."
     module, func = COMMANDS[name].split(':')
-    try: return getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e: raise SystemExit(f'fraud-nb {name}: not available in this build ({e})')
+    return getattr(importlib.import_module(module), func)
 
 # %% ../nbs/20_cli.ipynb #2ef4a2a0
 def main(argv: list[str] | None = None) -> int:
@@ -60,55 +59,59 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f'fraud-nb: unknown command {name!r}; run `fraud-nb --help`', file=sys.stderr); return 2
-    os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
-    try:
-        settings_level = get_settings().log_level
-    except ConfigError as e:
-        print(f'fraud-nb: configuration error: {e}', file=sys.stderr); return 2
-    logging.basicConfig(level=settings_level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    try: return resolve(name)(rest) or 0
-    except ConfigError as e:
-        print(f'fraud-nb {name}: configuration error: {e}', file=sys.stderr); return 2
-    except KeyboardInterrupt: return 130
+    try: level = get_settings().log_level
+    except UserError as e:
+        print(f'fraud-nb {name}: {e}', file=sys.stderr); return 2
+    logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    return resolve(name)(rest) or 0
 
 # %% ../nbs/20_cli.ipynb #da1df4a7
 DEMO = dict(retrain_min_labels=5000, label_delay_s=10.0, produce_rate=100.0)
 APPS = ['scorer', 'label-sink', 'retrainer', 'dashboard', 'producer']
 
 def _ensure_champion(settings, say=print):
+    "Train the first champion if there is none (`fraud-nb train --if-no-champion`)."
     from fraud_nb import registry
     if registry.champion_version(settings) is not None: return
     say('no champion model yet: training the first one (fraud-nb train --if-no-champion) ...')
     code = registry.train_main(['--if-no-champion'], settings=settings)
-    if code: raise SystemExit(code)
+    if code: raise UserError(f'the first training failed (exit code {code})')
 
-def up_main(argv: list[str]) -> int:
+def _demo_settings(s):
+    "`s` with the `DEMO` values, except those set by `FRAUD_NB_*` variables."
+    s = replace(s, **{k: v for k, v in DEMO.items() if f'FRAUD_NB_{k.upper()}' not in os.environ})
+    print(f'demo mode: retraining after {s.retrain_min_labels} new labels, labels arrive {s.label_delay_s:.0f} s after '
+          f'their transaction, producer at {s.produce_rate:.0f} tx/s')
+    return s
+
+# %% ../nbs/20_cli.ipynb #0a650fd8
+def _up(a) -> int:
     from fraud_nb.stack import Stack
-    ap = argparse.ArgumentParser(prog='fraud-nb up', description=HELP['up'])
-    ap.add_argument('--core', action='store_true', help='only PostgreSQL, the broker and the MLflow store')
-    ap.add_argument('--demo', action='store_true', help=f'demo settings: {DEMO} (unless set by FRAUD_NB_* variables)')
-    ap.add_argument('--mlflow-ui', action='store_true', help='also start the MLflow UI (takes ~30 s)')
-    a = ap.parse_args(argv)
-    s = get_settings()
-    if a.demo:
-        s = replace(s, **{k: v for k, v in DEMO.items() if f'FRAUD_NB_{k.upper()}' not in os.environ})
-        print(f'demo mode: retraining after {s.retrain_min_labels} new labels, labels arrive {s.label_delay_s:.0f} s after '
-              f'their transaction, producer at {s.produce_rate:.0f} tx/s')
+    s = _demo_settings(get_settings()) if a.demo else get_settings()
     stack = Stack(s)
     stack.up(mlflow_ui=a.mlflow_ui or a.demo)
     if not a.core:
         _ensure_champion(stack.service_settings())
         stack.up(apps=APPS)
     _print_status(stack)
-    return 0
+
+def up_main(argv: list[str]) -> int:
+    "`fraud-nb up`: start the embedded stack, train a first champion if needed, start the system's services."
+    p = command_parser('up', HELP['up'])
+    p.add_argument('--core', action='store_true', help='only PostgreSQL, the broker and the MLflow store')
+    p.add_argument('--demo', action='store_true', help=f'demo settings: {DEMO} (unless set by FRAUD_NB_* variables)')
+    p.add_argument('--mlflow-ui', action='store_true', help='also start the MLflow UI (takes ~30 s)')
+    return run_command(p, argv, _up)
+
+def _down(a) -> int:
+    from fraud_nb.stack import Stack
+    Stack(get_settings()).down()
 
 def down_main(argv: list[str]) -> int:
-    from fraud_nb.stack import Stack
-    argparse.ArgumentParser(prog='fraud-nb down', description=HELP['down']).parse_args(argv)
-    Stack(get_settings()).down()
-    return 0
+    "`fraud-nb down`: stop everything `up` started."
+    return run_command(command_parser('down', HELP['down']), argv, _down)
 
-# %% ../nbs/20_cli.ipynb #0a650fd8
+# %% ../nbs/20_cli.ipynb #9fce220b
 def _print_status(stack) -> list[dict]:
     rows = stack.status()
     if not rows: print(f'nothing runs (state directory {stack.dir})')
@@ -118,35 +121,41 @@ def _print_status(stack) -> list[dict]:
     if urls: print('\n' + '\n'.join(f'{n}: {u}' for n, u in urls))
     return rows
 
-def status_main(argv: list[str]) -> int:
-    "Print the stack's services; exit 1 if one is dead or unhealthy."
+def _status(a) -> int:
     from fraud_nb.stack import Stack
-    ap = argparse.ArgumentParser(prog='fraud-nb status', description=HELP['status'])
-    ap.add_argument('--json', action='store_true', help='machine-readable output')
-    a = ap.parse_args(argv)
     stack = Stack(get_settings())
     if a.json:
         rows = stack.status(); print(json.dumps({'state_dir': str(stack.dir), 'services': rows}, indent=2))
     else: rows = _print_status(stack)
     return 0 if all(r['healthy'] for r in rows) else 1
 
-# %% ../nbs/20_cli.ipynb #9fce220b
-def config_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog='fraud-nb config', description=HELP['config'])
-    ap.add_argument('--json', action='store_true')
+def status_main(argv: list[str]) -> int:
+    "Print the stack's services; exit 1 if one is dead or unhealthy."
+    p = command_parser('status', HELP['status'])
+    p.add_argument('--json', action='store_true', help='machine-readable output')
+    return run_command(p, argv, _status)
+
+# %% ../nbs/20_cli.ipynb #5a6f687d
+def _config(a) -> int:
     rows = describe(get_settings())
-    if ap.parse_args(argv).json: print(json.dumps(rows, indent=2))
+    if a.json: print(json.dumps(rows, indent=2))
     else:
         for r in rows: print(f"{r['variable']:<32} {r['value']:<40} {r['help']}")
-    return 0
 
-def migrate_main(argv: list[str]) -> int:
-    from fraud_nb.config import require
+def config_main(argv: list[str]) -> int:
+    "`fraud-nb config`: the settings and their FRAUD_NB_* variables."
+    p = command_parser('config', HELP['config'])
+    p.add_argument('--json', action='store_true', help='machine-readable output')
+    return run_command(p, argv, _config)
+
+def _migrate(a) -> int:
     from fraud_nb.stack import ensure_schema
-    argparse.ArgumentParser(prog='fraud-nb migrate', description=HELP['migrate']).parse_args(argv)
     applied = ensure_schema(require(get_settings(), 'database_url').database_url)
     print('applied: ' + (', '.join(applied) if applied else 'nothing (schema up to date)'))
-    return 0
+
+def migrate_main(argv: list[str]) -> int:
+    "`fraud-nb migrate`: create or update the database schema."
+    return run_command(command_parser('migrate', HELP['migrate']), argv, _migrate)
 
 # %% ../nbs/20_cli.ipynb #4f391789
 #| eval: false

@@ -101,43 +101,56 @@ def _hour_intensity(hour):
     return 0.12 + 0.88 / (1 + np.exp(-(hour - 7.5) * 1.6)) / (1 + np.exp((hour - 23.2) * 1.8))
 
 # %% ../nbs/01_data.ipynb #4022d7be
-def synthetic_transactions(n: int, seed: int = 0, fraud_rate: float = 0.0017, drift: float = 0.0) -> pd.DataFrame:
-    "`n` transactions with the dataset's columns, deterministic for `seed`, sorted by `Time`; about `fraud_rate` of them frauds."
-    if n < 0: raise ValueError(f'n must be >= 0, got {n}')
-    if not 0 <= fraud_rate < 0.5: raise ValueError(f'fraud_rate must be in [0, 0.5), got {fraud_rate}')
-    if not 0 <= drift <= 1: raise ValueError(f'drift must be in [0, 1], got {drift}')
-    rng = np.random.default_rng(seed)
-    # Time: inverse-CDF sampling of the diurnal intensity over two days, at one-second resolution
+def _times(rng, n: int) -> np.ndarray:
+    "`n` sorted `Time` values over two days: inverse-CDF sampling of the diurnal intensity, at one-second resolution."
     grid = np.arange(0, 172_800, 60.0)
     cdf = np.cumsum(_hour_intensity((grid % 86_400) / 3600)); cdf /= cdf[-1]
-    t = np.sort(np.floor(np.interp(rng.random(n), cdf, grid) + rng.random(n) * 60))
-    hour = (t % 86_400) / 3600
-    # frauds: a fixed count, more likely at night
+    return np.sort(np.floor(np.interp(rng.random(n), cdf, grid) + rng.random(n) * 60))
+
+def _labels(rng, hour: np.ndarray, fraud_rate: float) -> np.ndarray:
+    "A fixed count of frauds (at least one when `fraud_rate` > 0), more likely at night."
+    n = len(hour)
     n_fraud = int(round(n * fraud_rate)) if fraud_rate > 0 else 0
     if n and fraud_rate > 0: n_fraud = max(n_fraud, 1)
     y = np.zeros(n, dtype=np.int64)
     if n_fraud:
         w = 1.0 + 3.0 * (_hour_intensity(hour) < 0.5); w /= w.sum()
         y[rng.choice(n, n_fraud, replace=False, p=w)] = 1
-    fraud = y == 1
-    # Amount: log-normal, some zeros; frauds are card tests (~1) or widely spread
+    return y
+
+# %% ../nbs/01_data.ipynb #82cfd3cd
+def _amounts(rng, fraud: np.ndarray) -> np.ndarray:
+    "Log-normal amounts with some zeros; frauds are card tests (~1) or widely spread."
+    n, k = len(fraud), int(fraud.sum())
     amount = np.exp(rng.normal(3.05, 1.45, n))
     amount[rng.random(n) < 0.006] = 0.0
-    k = int(fraud.sum()); test = rng.random(k) < 0.4
+    test = rng.random(k) < 0.4
     amount[fraud] = np.where(test, rng.uniform(0.5, 1.99, k), np.exp(rng.normal(4.0, 1.7, k)))
-    amount = np.minimum(np.round(amount, 2), 25_000.0)
-    # components: heavy-ish tails, decreasing spread, two correlated with the amount
+    return np.minimum(np.round(amount, 2), 25_000.0)
+
+def _components(rng, fraud: np.ndarray, amount: np.ndarray, drift: float) -> np.ndarray:
+    "V1..V28: heavy-ish tails, decreasing spread, two correlated with the amount; frauds shifted by a random severity."
+    n, k = len(fraud), int(fraud.sum())
     V = rng.standard_normal((n, 28)) * rng.choice([1.0, 2.5], size=(n, 1), p=[0.95, 0.05])
     za = (np.log1p(amount) - 3.05) / 1.45
     V[:, 1] -= 0.45 * za; V[:, 6] += 0.3 * za
-    # a fraud's severity: many are blatant, some subtle, a few indistinguishable from normal
-    sev = rng.gamma(1.6, 0.6, k)
+    sev = rng.gamma(1.6, 0.6, k)   # many frauds blatant, some subtle, a few indistinguishable from normal
     V[fraud] = V[fraud] * 1.6 + sev[:, None] * ((1 - drift) * _SHIFT + drift * _DRIFTED_SHIFT)
-    # a few normal transactions look somewhat like frauds (unusual but legitimate)
-    odd = (~fraud) & (rng.random(n) < 0.0015)
+    odd = (~fraud) & (rng.random(n) < 0.0015)   # a few normal transactions look somewhat like frauds
     V[odd] += rng.gamma(1.0, 0.35, int(odd.sum()))[:, None] * _SHIFT
-    V = (V * _STD).round(6)
-    df = pd.DataFrame(V, columns=RAW_COLUMNS[1:-1])
+    return (V * _STD).round(6)
+
+# %% ../nbs/01_data.ipynb #2b5dceb9
+def synthetic_transactions(n: int, seed: int = 0, fraud_rate: float = 0.0017, drift: float = 0.0) -> pd.DataFrame:
+    "`n` transactions with the dataset's columns, deterministic for `seed`, sorted by `Time`; about `fraud_rate` of them frauds."
+    if n < 0: raise ValueError(f'n must be >= 0, got {n}')
+    if not 0 <= fraud_rate < 0.5: raise ValueError(f'fraud_rate must be in [0, 0.5), got {fraud_rate}')
+    if not 0 <= drift <= 1: raise ValueError(f'drift must be in [0, 1], got {drift}')
+    rng = np.random.default_rng(seed)
+    t = _times(rng, n)
+    y = _labels(rng, (t % 86_400) / 3600, fraud_rate)
+    amount = _amounts(rng, y == 1)
+    df = pd.DataFrame(_components(rng, y == 1, amount, drift), columns=RAW_COLUMNS[1:-1])
     df.insert(0, 'Time', t)
     df['Amount'] = amount
     df[LABEL] = y

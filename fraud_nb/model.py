@@ -6,10 +6,12 @@
 from __future__ import annotations
 import os, time
 from dataclasses import dataclass, field
+from fastcore.basics import patch
 import numpy as np
 import pandas as pd
 import xgboost as xgb
 from sklearn.metrics import average_precision_score
+from .config import DEFAULT_REVIEW_COST
 from .data import RAW_COLUMNS, LABEL
 from .evaluation import choose_threshold
 
@@ -54,37 +56,44 @@ class FraudModel:
     metrics: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)  # how it was trained (logged to MLflow)
 
-    def predict_proba_features(self, X: np.ndarray) -> np.ndarray:
-        "Fraud probabilities for a feature matrix made by `make_features`."
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2 or X.shape[1] != len(self.features):
-            raise ValueError(f'expected a 2-d feature matrix with {len(self.features)} columns, got shape {X.shape}')
-        if len(X) == 0: return np.empty(0, dtype=np.float32)
-        return self.booster.inplace_predict(X)
+# %% ../nbs/04_model.ipynb #bac59fed
+@patch
+def predict_proba_features(self: FraudModel, X: np.ndarray) -> np.ndarray:
+    "Fraud probabilities for a feature matrix made by `make_features`."
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[1] != len(self.features):
+        raise ValueError(f'expected a 2-d feature matrix with {len(self.features)} columns, got shape {X.shape}')
+    if len(X) == 0: return np.empty(0, dtype=np.float32)
+    return self.booster.inplace_predict(X)
 
-    def predict_proba(self, df: pd.DataFrame) -> np.ndarray:
-        "Fraud probabilities for a frame of raw transactions."
-        return self.predict_proba_features(make_features(df))
+@patch
+def predict_proba(self: FraudModel, df: pd.DataFrame) -> np.ndarray:
+    "Fraud probabilities for a frame of raw transactions."
+    return self.predict_proba_features(make_features(df))
 
-    def top_reasons(self, X: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
-        "For each row of `X`, up to `k` (feature, contribution) pairs that raised its score most (positive contributions only)."
-        X = np.asarray(X, dtype=np.float32)
-        if len(X) == 0: return []
-        contrib = self.booster.predict(xgb.DMatrix(X, feature_names=self.features), pred_contribs=True)[:, :-1]
-        order = np.argsort(-contrib, axis=1)[:, :k]
-        top = np.take_along_axis(contrib, order, axis=1)
-        return [[(self.features[j], round(float(c), 4)) for j, c in zip(js, cs) if c > 0] for js, cs in zip(order, top)]
+# %% ../nbs/04_model.ipynb #ce44efb6
+@patch
+def top_reasons(self: FraudModel, X: np.ndarray, k: int = 3) -> list[list[tuple[str, float]]]:
+    "For each row of `X`, up to `k` (feature, contribution) pairs that raised its score most (positive contributions only)."
+    X = np.asarray(X, dtype=np.float32)
+    if len(X) == 0: return []
+    contrib = self.booster.predict(xgb.DMatrix(X, feature_names=self.features), pred_contribs=True)[:, :-1]
+    order = np.argsort(-contrib, axis=1)[:, :k]
+    top = np.take_along_axis(contrib, order, axis=1)
+    return [[(self.features[j], round(float(c), 4)) for j, c in zip(js, cs) if c > 0] for js, cs in zip(order, top)]
 
-    def check_compatible(self) -> None:
-        "Raise `ValueError` unless this model's inputs are exactly what `make_features` computes."
-        if self.feature_version != FEATURE_VERSION or self.features != FEATURES:
-            missing = [f for f in self.features if f not in FEATURES]
-            extra = [f for f in FEATURES if f not in self.features]
-            detail = (f'; it needs {missing}' if missing else '') + (f'; it lacks {extra}' if extra else '')
-            if not missing and not extra and self.features != FEATURES: detail = '; same features in another order'
-            raise ValueError(f'model{" version " + self.version if self.version else ""} was trained on features version '
-                             f'{self.feature_version!r} ({len(self.features)} features), this fraud_nb computes version '
-                             f'{FEATURE_VERSION!r} ({len(FEATURES)} features){detail}')
+# %% ../nbs/04_model.ipynb #1b48c1f2
+@patch
+def check_compatible(self: FraudModel) -> None:
+    "Raise `ValueError` unless this model's inputs are exactly what `make_features` computes."
+    if self.feature_version == FEATURE_VERSION and self.features == FEATURES: return
+    missing = [f for f in self.features if f not in FEATURES]
+    extra = [f for f in FEATURES if f not in self.features]
+    detail = (f'; it needs {missing}' if missing else '') + (f'; it lacks {extra}' if extra else '')
+    if not missing and not extra and self.features != FEATURES: detail = '; same features in another order'
+    raise ValueError(f'model{" version " + self.version if self.version else ""} was trained on features version '
+                     f'{self.feature_version!r} ({len(self.features)} features), this fraud_nb computes version '
+                     f'{FEATURE_VERSION!r} ({len(FEATURES)} features){detail}')
 
 # %% ../nbs/04_model.ipynb #0ac53f8c
 DEFAULT_PARAMS: dict = dict(
@@ -109,23 +118,32 @@ def _resample(X, y, how: str | None, seed: int):
     raise ValueError(f'resample must be one of {RESAMPLERS}, got {how!r}')
 
 # %% ../nbs/04_model.ipynb #7462f436
-def train_model(train: pd.DataFrame, valid: pd.DataFrame, *, params: dict | None = None, resample: str | None = None,
-                review_cost: float = 5.0, n_estimators: int = 600, seed: int = 0, refit: bool = True,
-                early_stopping_rounds: int = 80) -> FraudModel:
-    "Train an XGBoost `FraudModel` on `train`, early-stopped on the later `valid`, with a cost-minimising threshold."
+def _check_training_data(train: pd.DataFrame, valid: pd.DataFrame, resample: str | None):
+    "Refuse an unknown resampler, or a part without labels or without frauds."
     if resample not in RESAMPLERS: raise ValueError(f'resample must be one of {RESAMPLERS}, got {resample!r}')
     for name, part in (('train', train), ('valid', valid)):
         if LABEL not in part.columns: raise ValueError(f'{name} has no {LABEL!r} column')
         if part[LABEL].sum() == 0: raise ValueError(f'{name} has no frauds: cannot train or validate a fraud model on it')
+
+def _xgb_params(params: dict | None, resample: str | None, seed: int, n_rows: int, y_fit: np.ndarray) -> dict:
+    "`DEFAULT_PARAMS`, one thread per 100,000 rows (at most one per core), no weighting when resampled, then `params`."
+    p = {**DEFAULT_PARAMS, 'seed': seed, 'nthread': max(1, min(os.cpu_count() or 1, n_rows // 100_000))}
+    if resample: p['scale_pos_weight'] = 1
+    p.update(params or {})
+    if p.get('scale_pos_weight') == 'balanced': p['scale_pos_weight'] = float((y_fit == 0).sum() / max(1, (y_fit == 1).sum()))
+    return p
+
+# %% ../nbs/04_model.ipynb #67087c25
+def train_model(train: pd.DataFrame, valid: pd.DataFrame, *, params: dict | None = None, resample: str | None = None,
+                review_cost: float = DEFAULT_REVIEW_COST, n_estimators: int = 600, seed: int = 0, refit: bool = True,
+                early_stopping_rounds: int = 80) -> FraudModel:
+    "Train an XGBoost `FraudModel` on `train`, early-stopped on the later `valid`, with a cost-minimising threshold."
+    _check_training_data(train, valid, resample)
     t0 = time.perf_counter()
     X_tr, y_tr = make_features(train), train[LABEL].to_numpy()
     X_va, y_va = make_features(valid), valid[LABEL].to_numpy()
     X_fit, y_fit = _resample(X_tr, y_tr, resample, seed)
-    # one thread per 100,000 rows, at most one per core: on small data threads mostly wait for each other
-    p = {**DEFAULT_PARAMS, 'seed': seed, 'nthread': max(1, min(os.cpu_count() or 1, len(X_tr) // 100_000))}
-    if resample: p['scale_pos_weight'] = 1
-    p.update(params or {})
-    if p.get('scale_pos_weight') == 'balanced': p['scale_pos_weight'] = float((y_fit == 0).sum() / max(1, (y_fit == 1).sum()))
+    p = _xgb_params(params, resample, seed, len(X_tr), y_fit)
     d_va = xgb.DMatrix(X_va, y_va, feature_names=FEATURES)
     booster = xgb.train(p, xgb.DMatrix(X_fit, y_fit, feature_names=FEATURES), n_estimators, evals=[(d_va, 'valid')],
                         early_stopping_rounds=early_stopping_rounds, verbose_eval=False)

@@ -254,34 +254,43 @@ def _start_app(self: Stack, state: dict, svc: AppService) -> dict:
 Stack._start_app = _start_app
 
 # %% ../nbs/10_stack.ipynb #fdf51db3
+def _needs_start(svcs: dict, name: str, say: Callable[[str], None]) -> bool:
+    "True if service `name` has no live process (a recorded one that died is reported)."
+    rec = svcs.get(name)
+    if rec and find_process(rec): return False
+    if rec: say(f'{name}: recorded process {rec.get("pid")} is not running any more (crashed or killed): restarting it')
+    return True
+
+def _up_core(self: Stack, state: dict, say: Callable[[str], None]):
+    "PostgreSQL and the broker, then the topics, the schema and the MLflow store."
+    svcs = state.setdefault('services', {})
+    if _needs_start(svcs, 'postgres', say): svcs['postgres'] = self._start_postgres(state); say(f'postgres: up ({svcs["postgres"]["where"]})')
+    else: self._start_postgres(state)  # idempotent: re-reads the URL of the running server
+    if _needs_start(svcs, 'kafka', say): svcs['kafka'] = self._start_kafka(state); say(f'kafka: up ({state["kafka_bootstrap"]})')
+    self._write_state(state)
+    s = self.service_settings(state)
+    if created := ensure_topics(s): say(f'kafka: created topics {", ".join(created)}')
+    if applied := ensure_schema(s.database_url): say(f'postgres: applied {", ".join(applied)}')
+    ensure_mlflow_store(s.mlflow_tracking_uri)
+    svcs['mlflow'] = {'where': s.mlflow_tracking_uri, 'pid': None}
+    (self.dir/'mlartifacts').mkdir(exist_ok=True)
+    self._write_state(state)
+
+Stack._up_core = _up_core
+
+# %% ../nbs/10_stack.ipynb #29968b31
 def _up(self: Stack, apps: list[str] | tuple = (), mlflow_ui: bool = False, say: Callable[[str], None] = print) -> dict:
     "Start what is not running yet (core services first, then `apps`); return the state."
+    unknown = [n for n in apps if n not in APP_SERVICES]
+    if unknown: raise ValueError(f'unknown service(s) {", ".join(unknown)}; known: {", ".join(APP_SERVICES)}')
     with self._locked():
         state = self.read_state()
-        svcs = state.setdefault('services', {})
-        def need(name):
-            rec = svcs.get(name)
-            if rec and find_process(rec): return False
-            if rec: say(f'{name}: recorded process {rec.get("pid")} is not running any more (crashed or killed): restarting it')
-            return True
-        if need('postgres'): svcs['postgres'] = self._start_postgres(state); say(f'postgres: up ({svcs["postgres"]["where"]})')
-        else: self._start_postgres(state)  # idempotent: re-reads the URL of the running server
-        if need('kafka'): svcs['kafka'] = self._start_kafka(state); say(f'kafka: up ({state["kafka_bootstrap"]})')
-        self._write_state(state)
-        s = self.service_settings(state)
-        created = ensure_topics(s)
-        if created: say(f'kafka: created topics {", ".join(created)}')
-        applied = ensure_schema(s.database_url)
-        if applied: say(f'postgres: applied {", ".join(applied)}')
-        ensure_mlflow_store(s.mlflow_tracking_uri)
-        svcs['mlflow'] = {'where': s.mlflow_tracking_uri, 'pid': None}
-        (self.dir/'mlartifacts').mkdir(exist_ok=True)
-        self._write_state(state)
-        if mlflow_ui and need('mlflow-ui'):
+        self._up_core(state, say)
+        svcs = state['services']
+        if mlflow_ui and _needs_start(svcs, 'mlflow-ui', say):
             svcs['mlflow-ui'] = self._start_mlflow_ui(state); self._write_state(state); say(f'mlflow-ui: {svcs["mlflow-ui"]["url"]}')
         for name in apps:
-            if name not in APP_SERVICES: raise ValueError(f'unknown service {name!r}; known: {", ".join(APP_SERVICES)}')
-            if need(name):
+            if _needs_start(svcs, name, say):
                 svcs[name] = self._start_app(state, APP_SERVICES[name]); self._write_state(state)
                 say(f'{name}: up ({svcs[name]["where"]}, log {svcs[name]["log"]})')
         return state

@@ -1,4 +1,6 @@
-"""The MLflow registry on the stack's real PostgreSQL-backed store: register, alias, load, compare, the CLI."""
+"""The MLflow registry on the stack's real PostgreSQL-backed store: register, alias, load, compare, the CLI as a process.
+
+The command functions (train_main, evaluate_main: options, errors, exit codes) are tested in nbs/06_registry."""
 import json, subprocess
 
 import numpy as np
@@ -65,29 +67,6 @@ def test_feature_mismatch_refused_after_loading(settings, models):
     with pytest.raises(ValueError, match='hour_v2'): registry.load_version(settings, v).check_compatible()
 
 
-def test_train_and_evaluate_cli(settings, capsys):
-    assert registry.train_main(['--synthetic', '30000', '--n-estimators', '40', '--json'], settings=settings) == 0
-    first = json.loads(capsys.readouterr().out)
-    assert first['version'] == '1' and first['aliases'] == ['champion'] and first['synthetic'] is True
-    assert registry.train_main(['--synthetic', '30000', '--n-estimators', '40', '--seed', '1'], settings=settings) == 0
-    out = capsys.readouterr().out
-    assert 'version 2' in out and 'average_precision' in out and 'SYNTHETIC' in out
-    assert registry.champion_version(settings) == '1'  # the champion only moves on request
-    assert registry.evaluate_main(['--synthetic', '30000', '--json'], settings=settings) == 0
-    ev = json.loads(capsys.readouterr().out)
-    assert ev['version'] == '1' and ev['metrics']['n'] == 6000
-    assert ev['metrics']['average_precision'] == pytest.approx(first['test']['average_precision'])
-
-
-def test_cli_errors(settings, tmp_path, capsys):
-    bad = tmp_path/'bad.csv'; bad.write_text('Time,V1\n0,1\n')
-    assert registry.evaluate_main(['--data', str(bad)], settings=settings) == 2
-    assert 'missing column' in capsys.readouterr().err
-    assert registry.evaluate_main(['--synthetic', '1000'], settings=settings) == 1
-    assert 'no champion' in capsys.readouterr().err
-    assert registry.train_main(['--resample', 'magic'], settings=settings) == 2
-
-
 def test_cli_as_a_process(settings, tmp_path):
     "The console entry point with settings from the environment, as docker-compose and the stack run it."
     sample = tmp_path/'sample.csv'
@@ -96,6 +75,7 @@ def test_cli_as_a_process(settings, tmp_path):
     r = subprocess.run(fraud_nb_cmd('train', '--data', str(sample), '--n-estimators', '30'), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert '(champion)' in r.stdout and 'SYNTHETIC' not in r.stdout
+    assert registry._client(settings).get_model_version(settings.model_name, '1').tags['data'] == str(sample)
     r = subprocess.run(fraud_nb_cmd('evaluate', '--data', str(sample), '--json'), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)['metrics']['n'] == 4000

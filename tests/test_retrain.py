@@ -130,6 +130,7 @@ def test_end_to_end_threshold_run_promotion_and_swap(settings, tmp_path):
         assert 'is promoted to champion' in html.read_text()
         tags = registry.MlflowClient(s.mlflow_tracking_uri, s.mlflow_tracking_uri).get_model_version(s.model_name, v2).tags
         assert tags['fraud_nb.decision'] == 'promoted' and 'holdout_average_precision' in json.loads(tags['metrics'])
+        assert tags['data'] == 'synthetic:20000:seed=0'   # the next run rebuilds the same historical set from it
         # the scorer picks the new champion up while the stream runs on
         wait_for(lambda: query(s, 'SELECT 1 FROM scored_transactions WHERE model_version = %s LIMIT 1', (v2,)), 120, 'rows scored by the new champion')
         background.join(180)
