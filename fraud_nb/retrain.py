@@ -17,14 +17,14 @@ from fastcore.basics import patch
 from .config import Settings, command_parser, get_settings, require, run_command, to_env
 from . import db
 from .data import RAW_COLUMNS, LABEL, DatasetSource, dataset_source
+from .pg import RETRAIN_LOCK   # one retraining run at a time, across machines
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RETRAIN_LOCK', 'last_watermark', 'labels_since', 'labelled_stream', 'historical_source',
-           'historical_training_set', 'RetrainData', 'split_for_retraining', 'decide', 'template_path', 'render_html',
-           'RunOutcome', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop', 'retrainer_main',
-           'retrain_main']
+__all__ = ['log', 'last_watermark', 'labels_since', 'labelled_stream', 'historical_source', 'historical_training_set',
+           'RetrainData', 'split_for_retraining', 'decide', 'template_path', 'render_html', 'RunOutcome',
+           'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop', 'retrainer_main', 'retrain_main']
 
 # %% ../nbs/15_retrain.ipynb #9093b81f
 def last_watermark(engine: sa.Engine) -> int:
@@ -120,8 +120,6 @@ def decide(champion: dict | None, challenger: dict, holdout_frauds: int, setting
                   f'(average precision {n_ap:.3f} vs {c_ap:.3f}), so it is promoted.')
 
 # %% ../nbs/15_retrain.ipynb #f099bd44
-RETRAIN_LOCK = 724_002
-
 def template_path() -> Path:
     "The papermill template `nbs/retrain.ipynb` (next to the package in a checkout or in the image)."
     import fraud_nb

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from fraud_nb import db, registry, retrain
+from fraud_nb import db, pg, registry, retrain
 from fraud_nb.data import LABEL, synthetic_transactions
 from fraud_nb.model import train_model
 from conftest import service_env, fraud_nb_cmd
@@ -86,9 +86,9 @@ def test_second_retrainer_waits_for_the_lock(settings):
     "Only one run at a time: a run started while another holds the advisory lock is skipped."
     eng = db.make_engine(settings.database_url)
     with eng.connect() as c:
-        assert c.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': retrain.RETRAIN_LOCK}).scalar()
+        assert c.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': pg.RETRAIN_LOCK}).scalar()
         o = retrain.run_retraining(settings, parameters=FAST)
-        c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': retrain.RETRAIN_LOCK})
+        c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': pg.RETRAIN_LOCK})
     eng.dispose()
     assert o.status == 'skipped' and runs(settings) == []
 
