@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     'retrainer': 'fraud_nb.retrain:retrainer_main',
     'retrain':   'fraud_nb.retrain:retrain_main',
     'dashboard': 'fraud_nb.dashboard:dashboard_main',
+    'lab':       'fraud_nb.lab:lab_main',
+    'simulate':  'fraud_nb.simulator:simulate_main',
 }
 
 HELP = {
@@ -40,6 +42,8 @@ HELP = {
     'labels': 'run the label sink (Kafka labels -> PostgreSQL)', 'bench': 'benchmark the scorer against the broker and a per-message baseline',
     'retrainer': 'watch new labels and retrain with papermill past the threshold', 'retrain': 'run one retraining now',
     'dashboard': 'serve the Voila dashboard',
+    'lab': 'JupyterLab on nbs/, on 127.0.0.1 with a token, wired to the running embedded stack',
+    'simulate': 'write a simulated raw-event dataset',
 }
 
 # %% ../nbs/20_cli.ipynb #02e4338a

@@ -38,6 +38,8 @@ def _positive(v): return None if v > 0 else 'must be > 0'
 def _non_negative(v): return None if v >= 0 else 'must be >= 0'
 def _topic(v): return None if re.fullmatch(r'[A-Za-z0-9._-]{1,249}', v) else 'must be a Kafka topic name ([A-Za-z0-9._-], 1-249 chars)'
 def _port(v): return None if 0 < v < 65536 else 'must be a TCP port (1-65535)'
+def _fraction(v): return None if 0 < v < 1 else 'must be between 0 and 1 (exclusive)'
+def _niceness(v): return None if 0 <= v <= 19 else 'must be a niceness between 0 and 19'
 def _level(v): return None if v.upper() in ('DEBUG', 'INFO', 'WARNING', 'ERROR') else 'must be DEBUG, INFO, WARNING or ERROR'
 
 # %% ../nbs/00_config.ipynb #c1988cbf
@@ -65,7 +67,11 @@ class Settings:
     retrain_min_labels: int = _setting(500, 'new labels that trigger a retraining run', _positive)
     retrain_poll_s: float = _setting(10.0, 'how often the retrainer counts new labels, in s', _positive)
     review_cost: float = _setting(DEFAULT_REVIEW_COST, 'cost of reviewing one false alarm (a missed fraud costs its Amount)', _non_negative)
-    promote_min_frauds: int = _setting(10, 'fewest frauds in the retraining holdout that can tell two models apart (fewer: the champion stays)', _positive)
+    promote_min_frauds: int = _setting(30, 'fewest frauds in the retraining holdout that can tell two models apart (fewer: the champion stays)', _positive)
+    promote_confidence: float = _setting(0.95, 'confidence a challenger must reach to beat the champion (paired bootstrap)', _fraction)
+    review_capacity: int = _setting(100, 'alerts the analyst team reviews per day (the alert budget)', _positive)
+    retrain_nice: int = _setting(10, "CPU niceness of a retraining run (0-19; higher leaves more CPU to the scorers)", _niceness)
+    retrain_threads: int = _setting(1, 'threads of a retraining run (XGBoost and BLAS)', _positive)
     promote_ap_tolerance: float = _setting(0.01, "how much lower a cheaper challenger's average precision may be and still be promoted", _non_negative)
     reports_dir: Path = _setting(Path('reports'), 'where executed retraining notebooks (.ipynb, .html) are written')
     data_path: Path = _setting(Path('data/raw_data/creditcard.csv'), "the user's copy of the creditcard dataset")

@@ -54,7 +54,7 @@ def lab_env(settings: Settings, token_file: Path) -> dict[str, str]:
     jpath = os.pathsep.join([str(Path(sys.prefix)/'share'/'jupyter')] + [p for p in os.environ.get('JUPYTER_PATH', '').split(os.pathsep) if p])
     env = {k: v for k, v in os.environ.items() if not k.startswith('FRAUD_NB_') and k != 'JUPYTER_TOKEN'}
     return {**env, **to_env(settings), 'JUPYTER_TOKEN_FILE': str(token_file), 'JUPYTER_PATH': jpath,
-            'MLFLOW_DISABLE_TELEMETRY': 'true', 'PYTHONUNBUFFERED': '1'}
+            'PYTHONUNBUFFERED': '1'}
 
 # %% ../nbs/21_lab.ipynb #87e67cd5
 def lab_argv(root: Path, port: int) -> list[str]:

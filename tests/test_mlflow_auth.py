@@ -110,7 +110,7 @@ def run_entrypoint(env: dict, *command: str, timeout=120) -> subprocess.Complete
     files = image_files()
     args = [f"--config={files[a.split('=', 1)[1]]}" if a.startswith('--config=') else a for a in ep[1:]]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith('MLFLOW_')}
-    full_env.update(env, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", MLFLOW_DISABLE_TELEMETRY='true')
+    full_env.update(env, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # compose's environment turns telemetry off
     return subprocess.run([sys.executable, str(files[f'/usr/local/bin/{ep[0]}']), *args, *command],
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -334,9 +334,9 @@ def test_the_services_credentials_work_through_the_mlflow_client(server):
     "What the containers do: MlflowClient with MLFLOW_TRACKING_USERNAME/PASSWORD from compose's environment."
     name = register(server)
     def client(svc, *args):
-        env = {k: v for k, v in os.environ.items() if not k.startswith('MLFLOW_')}
+        env = {k: v for k, v in os.environ.items() if not k.startswith('MLFLOW_TRACKING')}  # fraud_nb.config turned telemetry off
         env.update(MLFLOW_TRACKING_USERNAME=server.creds[svc][0], MLFLOW_TRACKING_PASSWORD=server.creds[svc][1],
-                   MLFLOW_DISABLE_TELEMETRY='true', MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
+                   MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
         r = subprocess.run([sys.executable, '-c', CLIENT, server.url, name, *args], env=env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
