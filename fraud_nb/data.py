@@ -14,9 +14,11 @@ import pandas as pd
 from .config import UserError
 
 # %% auto #0
-__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'SPLIT', 'KINDS', 'CREDITCARD', 'GENERATORS', 'PARTS', 'DataValidationError',
-           'NoDatasetError', 'load_transactions', 'find_dataset', 'synthetic_transactions', 'time_split', 'DatasetKind',
-           'register_kind', 'kind_of', 'split_parts', 'part_text', 'DatasetSource', 'dataset_source']
+__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'SPLIT', 'KINDS', 'CREDITCARD', 'GENERATORS', 'RAW_EVENT_COLUMNS', 'RAW_VALID_DAYS',
+           'RAW_EVENTS_KIND', 'DAY_GENERATORS', 'PARTS', 'SIMULATED_DEFAULT', 'DataValidationError', 'NoDatasetError',
+           'load_transactions', 'find_dataset', 'synthetic_transactions', 'time_split', 'DatasetKind', 'register_kind',
+           'kind_of', 'load_raw_events', 'raw_event_parts', 'raw_part_text', 'simulated_events', 'split_parts',
+           'part_text', 'DatasetSource', 'dataset_source']
 
 # %% ../nbs/01_data.ipynb #748ad9d5
 RAW_COLUMNS: list[str] = ['Time'] + [f'V{i}' for i in range(1, 29)] + ['Amount']
@@ -176,6 +178,7 @@ class DatasetKind:
     columns: tuple[str, ...]
     time: str
     load: Callable[[Path], pd.DataFrame]
+    split: Callable | None = None  # `split(df, source) -> parts`; None: `split_parts` by `time` (train/valid/test fractions)
 
 KINDS: dict[str, DatasetKind] = {}
 
@@ -187,16 +190,121 @@ def register_kind(kind: DatasetKind) -> DatasetKind:
 CREDITCARD = register_kind(DatasetKind('creditcard', tuple(COLUMNS), 'Time', load_transactions))
 
 # %% ../nbs/01_data.ipynb #a4112d98
+def _header(path: Path) -> list[str]:
+    "Column names of a CSV (header line) or Parquet (schema) file."
+    if path.suffix == '.parquet':
+        import pyarrow.parquet as pq
+        return list(pq.read_schema(path).names)
+    return list(pd.read_csv(path, nrows=0).columns)
+
 def kind_of(path) -> DatasetKind:
     "The kind of the dataset file at `path`, recognised from its header (ties and unreadable headers: creditcard)."
     path = Path(path)
     if not path.is_file(): raise NoDatasetError(f'no dataset file at {path}')
-    try: header = set(map(str, pd.read_csv(path, nrows=0).columns))
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError): return CREDITCARD
+    try: header = set(map(str, _header(path)))
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError): return CREDITCARD
     return max(KINDS.values(), key=lambda k: len(header & set(k.columns)))
 
 # %% ../nbs/01_data.ipynb #15af26ca
 GENERATORS: dict[str, tuple[DatasetKind, Callable[..., pd.DataFrame]]] = {'synthetic': (CREDITCARD, synthetic_transactions)}
+
+# %% ../nbs/01_data.ipynb #aa31e366
+RAW_EVENT_COLUMNS: list[str] = ['tx_id', 'event_time', 'card_id', 'terminal_id', 'amount', LABEL]
+
+def _read_any(path: Path) -> pd.DataFrame:
+    "A CSV (`.csv`, `.csv.gz`) or Parquet file as a frame; unreadable files are a `DataValidationError`."
+    try: return pd.read_parquet(path) if path.suffix == '.parquet' else pd.read_csv(path, low_memory=False, dtype={c: str for c in ('tx_id', 'card_id', 'terminal_id', 'event_time')})
+    except pd.errors.EmptyDataError: raise DataValidationError(f'{path}: the file is empty') from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, ValueError) as e:
+        raise DataValidationError(f'{path}: not a readable {"Parquet" if path.suffix == ".parquet" else "CSV"} file ({e})') from None
+
+# %% ../nbs/01_data.ipynb #48f73a89
+def _check_ids(df: pd.DataFrame, path) -> None:
+    "Identifier columns present in every row, kept as strings."
+    for col in ('tx_id', 'card_id', 'terminal_id'):
+        s = df[col]
+        bad = s.isna().to_numpy() | (s.astype(str).str.strip() == '').to_numpy()
+        if bad.any(): raise DataValidationError(f'{path}: column {col!r} has a missing value in row {_first_row(bad)}')
+        df[col] = s.astype(str)
+
+def _check_time(df: pd.DataFrame, path) -> None:
+    "`event_time` parsed as UTC timestamps (naive times are UTC)."
+    s = df['event_time']
+    t = pd.to_datetime(s, utc=True, format='ISO8601', errors='coerce') if not pd.api.types.is_datetime64_any_dtype(s) else (
+        s.dt.tz_localize('UTC') if s.dt.tz is None else s.dt.tz_convert('UTC'))
+    if t.isna().any():
+        r = _first_row(t.isna())
+        raise DataValidationError(f'{path}: column \'event_time\' has {"a missing" if pd.isna(s.iloc[r-1]) else "an invalid"} time {s.iloc[r-1]!r} in row {r} (expected ISO-8601, e.g. 2026-01-01T12:00:00Z)')
+    df['event_time'] = t.astype('datetime64[ns, UTC]')
+
+# %% ../nbs/01_data.ipynb #cfe20aed
+def _check_amount_label(df: pd.DataFrame, path) -> None:
+    "`amount` finite and >= 0, `Class` 0 or 1."
+    for col in ('amount', LABEL):
+        v = pd.to_numeric(df[col], errors='coerce').to_numpy(np.float64)
+        if np.isnan(v).any():
+            r = _first_row(np.isnan(v)); raw = df[col].iloc[r-1]
+            raise DataValidationError(f'{path}: column {col!r} has {"a missing value" if pd.isna(raw) else f"a non-numeric value {raw!r}"} in row {r}')
+        bad = ~np.isfinite(v) | (v < 0) if col == 'amount' else (v != 0) & (v != 1)
+        if bad.any():
+            r = _first_row(bad)
+            raise DataValidationError(f'{path}: column {col!r} {"must be finite and >= 0" if col == "amount" else "must be 0 or 1"}, found {v[r-1]:g} in row {r}')
+        df[col] = v if col == 'amount' else v.astype(np.int64)
+
+# %% ../nbs/01_data.ipynb #21d72091
+def load_raw_events(path) -> pd.DataFrame:
+    "Read a raw-event file (CSV or Parquet), validate it, return it in time order; errors name the column, row and problem."
+    path = Path(path)
+    if not path.is_file(): raise NoDatasetError(f'no raw-event file at {path}')
+    df = _read_any(path)
+    missing = [c for c in RAW_EVENT_COLUMNS if c not in map(str, df.columns)]
+    if missing: raise DataValidationError(f'{path}: header: missing column(s) {", ".join(map(repr, missing))}; a raw-event file has {", ".join(RAW_EVENT_COLUMNS)} (extra columns allowed)')
+    if len(df) == 0: raise DataValidationError(f'{path}: the file has a header but no rows')
+    _check_ids(df, path); _check_time(df, path); _check_amount_label(df, path)
+    return df.sort_values('event_time', kind='stable').reset_index(drop=True)
+
+# %% ../nbs/01_data.ipynb #294e9ff0
+RAW_VALID_DAYS = 7  # the latest days of the training window validate
+
+def _day(df: pd.DataFrame) -> pd.Series: return pd.to_datetime(df['event_time'], utc=True).dt.floor('D')
+
+def raw_event_parts(df: pd.DataFrame, source) -> dict[str, pd.DataFrame]:
+    "Parts of a raw-event history (index kept): train, valid (latest training days), history (both), test, unseen (after training)."
+    from fraud_nb.evaluation import delay_split
+    span = int((_day(df).max() - _day(df).min()).days) + 1 if len(df) else 0
+    need = source.test_days + source.delay_days + RAW_VALID_DAYS + 1
+    if span < need: raise DataValidationError(
+        f'{source}: {span} days of transactions; raw events need at least {need} (test {source.test_days} + delay {source.delay_days} + training, whose last {RAW_VALID_DAYS} days validate)')
+    history, test = delay_split(df, source.test_days, source.delay_days)
+    late = (_day(history) >= _day(history).max() - pd.Timedelta(days=RAW_VALID_DAYS - 1)).to_numpy()
+    parts = dict(all=df, train=history[~late], valid=history[late], history=history, test=test, unseen=df.iloc[len(history):])
+    for name in ('train', 'valid', 'test'): _need_frauds(parts[name], name, source)
+    return parts
+
+# %% ../nbs/01_data.ipynb #424ef0ec
+def _need_frauds(part: pd.DataFrame, name: str, source) -> None:
+    "Refuse a part without frauds, saying which days it covers and why they are its days."
+    if len(part) and part[LABEL].sum() > 0: return
+    d = _day(part) if len(part) else None
+    days = f'{d.min():%Y-%m-%d}..{d.max():%Y-%m-%d}' if d is not None else 'no days'
+    raise DataValidationError(f'{source}: the {name} part ({days}, {len(part):,} transactions) has no frauds; the split is by days: '
+                              f'test = last {source.test_days} days, then {source.delay_days} delay days skipped, training before, its last {RAW_VALID_DAYS} days validate')
+
+def raw_part_text(part: str, test_days: int = 7, delay_days: int = 7) -> str:
+    "How a part of raw events is described to a user."
+    return dict(all='', train='training days', valid=f'last {RAW_VALID_DAYS} training days', history='training window',
+                test=f'last {test_days} days (after {delay_days} delay days)', unseen=f'last {test_days + delay_days} days')[part]
+
+# %% ../nbs/01_data.ipynb #2bfb137e
+RAW_EVENTS_KIND = register_kind(DatasetKind('raw_events', tuple(RAW_EVENT_COLUMNS), 'event_time', load_raw_events, raw_event_parts))
+
+def simulated_events(n: int, seed: int = 0, customers: int = 2_000, terminals: int = 4_000) -> pd.DataFrame:
+    "`n` days of simulated raw events (`fraud_nb.simulator`), loaded as a raw-event file would be."
+    from fraud_nb.simulator import simulate
+    return simulate(days=n, customers=customers, terminals=terminals, seed=seed)
+
+GENERATORS['simulated'] = (RAW_EVENTS_KIND, simulated_events)
+DAY_GENERATORS = {'simulated'}  # generators whose size is in days
 
 # %% ../nbs/01_data.ipynb #9da4d59e
 PARTS = ('all', 'train', 'valid', 'test', 'history', 'unseen')
@@ -222,6 +330,8 @@ class DatasetSource:
     seed: int = 0
     options: tuple = ()                                  # the generator's other arguments, sorted (name, value) pairs
     fallback: bool = field(default=False, compare=False) # generated because the configured dataset is missing
+    test_days: int = field(default=7, compare=False)     # raw events: the last days are the test part ...
+    delay_days: int = field(default=7, compare=False)    # ... after these days whose labels are not known yet
 
     @classmethod
     def file(cls, path) -> DatasetSource: return cls(path=Path(path))
@@ -233,6 +343,9 @@ class DatasetSource:
 
     @property
     def synthetic(self) -> bool: return self.path is None
+
+# %% ../nbs/01_data.ipynb #5c3c0dc8
+SIMULATED_DEFAULT = DatasetSource.generated(35, 0, 'simulated', customers=2_000, terminals=4_000)
 
 # %% ../nbs/01_data.ipynb #c863e03c
 _TAG = re.compile(r'(\w+):(\d+):seed=(\d+)((?::\w+=[^:]+)*)')
@@ -273,27 +386,31 @@ def load(self: DatasetSource, part: str = 'all') -> pd.DataFrame:
 
 @patch
 def parts(self: DatasetSource) -> dict[str, pd.DataFrame]:
-    "Every part at once (`split_parts`), reading the data once."
-    return split_parts(self.load(), self.kind.time)
+    "Every part at once (the kind's split, else `split_parts`), reading the data once."
+    k = self.kind
+    return k.split(self.load(), self) if k.split else split_parts(self.load(), k.time)
 
 # %% ../nbs/01_data.ipynb #4687cb65
 @patch
 def describe(self: DatasetSource, part: str = 'all') -> str:
     "The source (and `part`) in words, for logs, reports and the producer's message."
     opts = ''.join(f', {k.replace("_", " ")} {v:g}' if isinstance(v, float) else f', {k} {v}' for k, v in self.options)
-    what = str(self.path) if self.path is not None else f'{self.n:,} {self.generator} transactions (seed {self.seed}{opts})'
-    return ', '.join(filter(None, [what, part_text(part)]))
+    unit = 'days of ' if self.generator in DAY_GENERATORS else ''
+    what = str(self.path) if self.path is not None else f'{self.n:,} {unit}{self.generator} transactions (seed {self.seed}{opts})'
+    raw = self.path is not None and self.path.is_file() and kind_of(self.path).split or self.path is None and GENERATORS[self.generator][0].split
+    text = raw_part_text(part, self.test_days, self.delay_days) if raw else part_text(part)
+    return ', '.join(filter(None, [what, text]))
 
 @patch
 def __str__(self: DatasetSource) -> str: return self.describe()
 
 # %% ../nbs/01_data.ipynb #5200c1e5
 def dataset_source(settings, data=None, synthetic: int | None = None, seed: int = 0, *, default_n: int = 200_000,
-                   allow_synthetic: bool = True, **options) -> DatasetSource:
-    "The dataset a command works on: `synthetic` rows, else the file `data`, else the user's dataset, else (if allowed) generated rows."
+                   allow_synthetic: bool = True, fallback: DatasetSource | None = None, **options) -> DatasetSource:
+    "The dataset a command works on: `synthetic` rows, else the file `data`, else the user's dataset, else (if allowed) generated rows (`fallback`)."
     if synthetic: return DatasetSource.generated(synthetic, seed, **options)
     path = Path(data) if data else find_dataset(settings)
     if path is not None: return DatasetSource.file(path)
     if not allow_synthetic:
         raise NoDatasetError(f'no dataset at {settings.data_path} (FRAUD_NB_DATA_PATH): pass --data PATH or --synthetic N')
-    return replace(DatasetSource.generated(default_n, seed, **options), fallback=True)
+    return replace(fallback or DatasetSource.generated(default_n, seed, **options), fallback=True)
