@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     'dashboard': 'fraud_nb.dashboard:dashboard_main',
     'lab':       'fraud_nb.lab:lab_main',
     'simulate':  'fraud_nb.simulator:simulate_main',
+    'promote':   'fraud_nb.registry:promote_main',
 }
 
 HELP = {
@@ -44,6 +45,7 @@ HELP = {
     'dashboard': 'serve the Voila dashboard',
     'lab': 'JupyterLab on nbs/, on 127.0.0.1 with a token, wired to the running embedded stack',
     'simulate': 'write a simulated raw-event dataset',
+    'promote': 'make an existing registered version champion (or another alias)',
 }
 
 # %% ../nbs/20_cli.ipynb #02e4338a

@@ -5,7 +5,8 @@
 # %% ../nbs/06_registry.ipynb #9420b369
 from __future__ import annotations
 from .config import DEFAULT_REVIEW_COST, Settings, UserError, command_parser, get_settings, require, run_command
-import json, math, os, sys
+import json, math, os, re, sys
+from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -14,13 +15,15 @@ import mlflow, mlflow.xgboost
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from .data import SPLIT, DatasetSource, dataset_source, synthetic_transactions, time_split
-from .model import FraudModel, FEATURES, make_features, train_model
+from .data import SPLIT, LABEL, SIMULATED_DEFAULT, DatasetSource, dataset_source, synthetic_transactions, time_split
+from .model import FraudModel, FEATURES, make_features, fit_model, train_model
 from . import evaluation as ev
 
 # %% auto #0
-__all__ = ['CHAMPION', 'CHALLENGER', 'configure_mlflow', 'register_model', 'set_alias', 'alias_version', 'champion_version',
-           'load_version', 'load_champion', 'compare_versions', 'data_tags', 'train_main', 'evaluate_main']
+__all__ = ['CHAMPION', 'CHALLENGER', 'HEADLINE', 'ALIAS', 'configure_mlflow', 'register_model', 'set_alias', 'alias_version',
+           'champion_version', 'load_version', 'load_champion', 'compare_versions', 'data_tags', 'raw_features',
+           'raw_metrics', 'budget_threshold', 'seed_summary', 'check_alias', 'promote_hint', 'train_main',
+           'evaluate_main', 'promote_main']
 
 # %% ../nbs/06_registry.ipynb #fafebb25
 CHAMPION, CHALLENGER = 'champion', 'challenger'
@@ -82,6 +85,7 @@ def _jsonable(metrics: dict) -> dict:
 
 def _input_example(model: FraudModel) -> pd.DataFrame:
     "A few feature rows for the model's signature and input example: synthetic, never a real cardholder's."
+    if model.feature_set != 'prefeaturized': return pd.DataFrame(np.zeros((5, len(model.features))), columns=model.features)
     return pd.DataFrame(make_features(synthetic_transactions(200, seed=0).head(5)), columns=model.features)
 
 # %% ../nbs/06_registry.ipynb #b898c2dc
@@ -102,7 +106,7 @@ def register_model(model: FraudModel, settings: Settings, *, metrics: dict, para
                                         pip_requirements=_requirements(), model_format='ubj')
     version_tags = {'threshold': repr(float(model.threshold)), 'features': json.dumps(model.features),
                     'feature_version': model.feature_version, 'metrics': json.dumps(_jsonable(metrics)),
-                    'train_metrics': json.dumps(_jsonable(model.metrics)), 'run_id': run.info.run_id,
+                    'train_metrics': json.dumps(_jsonable(model.metrics)), 'run_id': run.info.run_id, **model.feature_tags(),
                     **{k: str(v) for k, v in (tags or {}).items()}}
     mv = mlflow.register_model(info.model_uri, settings.model_name, tags=version_tags)
     ap = metrics.get('average_precision')
@@ -137,7 +141,7 @@ def load_version(settings: Settings, version) -> FraudModel:
     booster = mlflow.xgboost.load_model(f'models:/{settings.model_name}/{mv.version}')
     return FraudModel(booster=booster, features=json.loads(mv.tags['features']), feature_version=mv.tags['feature_version'],
                       threshold=float(mv.tags['threshold']), version=str(mv.version),
-                      metrics=json.loads(mv.tags.get('metrics', '{}')))
+                      metrics=json.loads(mv.tags.get('metrics', '{}'))).with_feature_tags(mv.tags)
 
 def load_champion(settings: Settings) -> FraudModel | None:
     "The champion `FraudModel`, or None when no version is champion yet."
@@ -165,7 +169,7 @@ def _print_table(rows: dict, title: str, file=None):
         elif isinstance(v, int): v = f'{v:,}'
         print(f'  {k:<{w}}  {v}', file=file)
 
-_SHOWN = ['n', 'frauds', 'average_precision', 'roc_auc', 'threshold', 'alerts', 'precision', 'recall', 'f1', 'tp', 'fp',
+_SHOWN = ['n', 'frauds', 'average_precision', 'roc_auc', 'card_precision_at_100', 'threshold', 'alerts', 'precision', 'recall', 'f1', 'tp', 'fp',
           'fn', 'tn', 'cost', 'cost_flag_none', 'cost_flag_all', 'saved_vs_flag_none', 'saved_fraction',
           'precision_at_100', 'precision_at_500']
 
@@ -186,29 +190,102 @@ def _data_options(p):
     "The options that choose a command's dataset (see `fraud_nb.data.dataset_source`)."
     p.add_argument('--data', metavar='PATH', help='dataset file (.csv or .csv.gz); default: FRAUD_NB_DATA_PATH if it exists')
     p.add_argument('--synthetic', metavar='N', type=int, help='use N synthetic transactions instead')
+    p.add_argument('--simulate', metavar='DAYS', type=int, help='use DAYS days of simulated raw events instead (2,000 cards)')
     p.add_argument('--seed', type=int, default=0, help='seed of the synthetic data and of training')
+    p.add_argument('--test-days', type=int, default=7, help='raw events: the last days that test')
+    p.add_argument('--delay-days', type=int, default=7, help='raw events: days skipped before the test days (labels not known yet)')
     p.add_argument('--review-cost', type=float, help='cost of a false alarm (default: FRAUD_NB_REVIEW_COST)')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     return p
 
 # %% ../nbs/06_registry.ipynb #de69a183
 def _fit(a, settings: Settings, source: DatasetSource):
-    "(model, test part, its metrics, figures, data tags) of one `fraud-nb train` run."
+    "(model, its test metrics, figures, tags, seed summary or None) of `fraud-nb train` on the creditcard kind."
     _say_if_fallback(source, settings, 'fraud-nb train')
     parts = source.parts()
     train, valid, test = parts['train'], parts['valid'], parts['test']
     print(f'fraud-nb train: {len(parts["all"]):,} transactions from {source}{" (SYNTHETIC)" if source.synthetic else ""}: '
           f'train {len(train):,}, validation {len(valid):,}, test {len(test):,} (by time)', file=sys.stderr)
     cost = settings.review_cost if a.review_cost is None else a.review_cost
-    model = train_model(train, valid, resample=None if a.resample == 'none' else a.resample, review_cost=cost,
-                        n_estimators=a.n_estimators, seed=a.seed, refit=not a.no_refit)
-    p = model.predict_proba(test)
-    figures = {'pr_curve': ev.plot_pr_curve({'test': (test.Class, p)}),
-               'score_distribution': ev.plot_score_distribution(test.Class, p, model.threshold),
-               'cost_curve': ev.plot_cost_curve(test.Class, p, test.Amount, cost, model.threshold),
-               'feature_importance': ev.plot_feature_importance(model)}
-    tags = data_tags(source) | {'data_rows': len(parts['all']), 'split': 'time ' + '/'.join(f'{f * 100:.0f}' for f in SPLIT)}
-    return model, ev.evaluate(model, test, review_cost=cost), figures, tags
+    seeds = [a.seed + i for i in range(a.seeds or 1)]
+    models = [train_model(train, valid, resample=None if a.resample == 'none' else a.resample, review_cost=cost,
+                          n_estimators=a.n_estimators, seed=s, refit=not a.no_refit) for s in seeds]
+    metrics = [ev.evaluate(m, test, review_cost=cost) for m in models]
+    i = _median_seed(models)
+    tags = data_tags(source) | {'data_rows': len(parts['all']), 'split': 'time ' + '/'.join(f'{f * 100:.0f}' for f in SPLIT), 'seed': seeds[i]}
+    figures = _figures(models[i], test.Class, models[i].predict_proba(test), test.Amount, cost)
+    return models[i], metrics[i], figures, tags, seed_summary(models, metrics, seeds) if len(seeds) > 1 else None
+
+# %% ../nbs/06_registry.ipynb #5b47f5cc
+def raw_features(source: DatasetSource) -> tuple[dict, np.ndarray]:
+    "(parts, float32 features of every row computed over the whole history) of a raw-event source."
+    from fraud_nb.features import RAW_EVENTS
+    parts = source.parts()
+    return parts, RAW_EVENTS.batch(parts['all']).astype(np.float32)
+
+def raw_metrics(model: FraudModel, parts: dict, F: np.ndarray, review_cost: float = DEFAULT_REVIEW_COST) -> dict:
+    "`evaluation.evaluate`'s metrics of `model` on the test part at its threshold, plus `card_precision_at_100`."
+    test = parts['test']
+    p = model.predict_proba_features(F[test.index])
+    m = ev.evaluate(p, test.assign(Amount=test['amount']), review_cost=review_cost, threshold=model.threshold)
+    return m | dict(card_precision_at_100=ev.card_precision_at_k(test, p, 100), threshold_source='model')
+
+# %% ../nbs/06_registry.ipynb #411a7321
+def budget_threshold(model: FraudModel, parts: dict, F: np.ndarray, alerts_per_day: float, delay_days: int) -> float | None:
+    "The threshold that flags `alerts_per_day` on the delay days' transactions (None without delay days)."
+    from fraud_nb.compare import alert_budget_threshold
+    u, test = parts['unseen'], parts['test']
+    if not delay_days or test.empty: return None
+    delay = u.index[(u['event_time'] < test['event_time'].min().floor('D')).to_numpy()]
+    return alert_budget_threshold(model.predict_proba_features(F[delay]), alerts_per_day, delay_days) if len(delay) else None
+
+def _fit_raw_seed(a, settings: Settings, source: DatasetSource, parts: dict, F: np.ndarray, seed: int, cost: float) -> FraudModel:
+    "One raw-event model: `fit_model` on the training days, early-stopped on their last 7, with the alert-budget threshold."
+    y, amount, tr, va = parts['all'][LABEL].to_numpy(), parts['all']['amount'].to_numpy(), parts['train'].index, parts['valid'].index
+    m = fit_model(F[tr], y[tr], F[va], y[va], amount[va], feature_set='raw_events', seed=seed, review_cost=cost,
+                  n_estimators=a.n_estimators, refit=not a.no_refit)
+    m.metrics['cost_threshold'] = m.threshold
+    if (t := budget_threshold(m, parts, F, settings.review_capacity, source.delay_days)) is not None: m.threshold = t
+    return m
+
+# %% ../nbs/06_registry.ipynb #d849057a
+HEADLINE = ('average_precision', 'roc_auc', 'card_precision_at_100')
+
+def _median_seed(models: list[FraudModel]) -> int:
+    "Index of the median model by validation average precision."
+    ap = [m.metrics.get('valid_average_precision', 0.0) for m in models]
+    return int(np.argsort(ap, kind='stable')[(len(ap) - 1) // 2])
+
+def seed_summary(models: list[FraudModel], metrics: list[dict], seeds: list[int]) -> dict:
+    "Spread over seeds of the headline metrics and of the thresholds, and which seed was chosen."
+    from fraud_nb.compare import summarize_over_seeds, spread_text, threshold_spread
+    keys = [k for k in HEADLINE if k in metrics[0]]
+    summ = summarize_over_seeds(metrics, keys)
+    out = dict(n=len(seeds), seeds=seeds, chosen_seed=seeds[_median_seed(models)], rule='median validation average precision',
+               metrics={k: spread_text(summ, k) for k in keys}, threshold=threshold_spread([m.threshold for m in models]))
+    if all('cost_threshold' in m.metrics for m in models): out['cost_threshold'] = threshold_spread([m.metrics['cost_threshold'] for m in models])
+    return out
+
+# %% ../nbs/06_registry.ipynb #4973df43
+def _figures(model: FraudModel, y, p, amount, cost: float) -> dict:
+    return {'pr_curve': ev.plot_pr_curve({'test': (y, p)}), 'score_distribution': ev.plot_score_distribution(y, p, model.threshold),
+            'cost_curve': ev.plot_cost_curve(y, p, amount, cost, model.threshold), 'feature_importance': ev.plot_feature_importance(model)}
+
+def _fit_raw(a, settings: Settings, source: DatasetSource):
+    "(model, its test metrics, figures, tags, seed summary) of `fraud-nb train` on raw events."
+    _say_if_fallback(source, settings, 'fraud-nb train')
+    parts, F = raw_features(source)
+    print(f'fraud-nb train: {len(parts["all"]):,} raw events from {source}: train {len(parts["train"]):,}, validation '
+          f'{len(parts["valid"]):,} (last 7 training days), test {len(parts["test"]):,} ({source.describe("test").split(", ")[-1]})', file=sys.stderr)
+    cost = settings.review_cost if a.review_cost is None else a.review_cost
+    seeds = [a.seed + i for i in range(a.seeds or 3)]
+    models = [_fit_raw_seed(a, settings, source, parts, F, s, cost) for s in seeds]
+    metrics = [raw_metrics(m, parts, F, cost) for m in models]
+    i, test = _median_seed(models), parts['test']
+    tags = data_tags(source) | {'data_rows': len(parts['all']), 'seed': seeds[i], 'seeds': len(seeds), 'threshold_rule': f'alert budget {settings.review_capacity}/day',
+                                'split': f'days: test {source.test_days}, delay {source.delay_days}, validation 7'}
+    p = models[i].predict_proba_features(F[test.index])
+    return models[i], metrics[i], _figures(models[i], test[LABEL], p, test['amount'], cost), tags, seed_summary(models, metrics, seeds)
 
 # %% ../nbs/06_registry.ipynb #72610027
 def _train(a, settings: Settings | None) -> int:
@@ -216,23 +293,55 @@ def _train(a, settings: Settings | None) -> int:
     settings = require(settings or get_settings(), 'mlflow_tracking_uri')
     if a.if_no_champion and (v := champion_version(settings)) is not None:
         print(f'{prog}: version {v} of {settings.model_name} is champion already; nothing to train'); return 0
-    source = dataset_source(settings, a.data, a.synthetic, a.seed)
-    model, metrics, figures, tags = _fit(a, settings, source)
-    version = register_model(model, settings, metrics=metrics, figures=figures, tags=tags | {'trigger': 'cli'}, run_name='cli-train')
+    if a.alias: check_alias(a.alias)   # before anything is registered: a bad alias leaves no orphan version
+    source = _source(a, settings)
+    fit = _fit_raw if source.kind.split else _fit
+    model, metrics, figures, tags, seeds = fit(a, settings, source)
+    extra = {'trigger': a.trigger} | ({'seed_spread': json.dumps(seeds)} if seeds else {})
+    version = register_model(model, settings, metrics=metrics, figures=figures, tags=tags | extra, run_name='cli-train')
     became = [CHAMPION] if champion_version(settings) is None else []
     if a.alias and a.alias not in became: became.append(a.alias)
     for alias in became: set_alias(settings, alias, version)
     if a.json:
-        print(json.dumps(dict(model_name=settings.model_name, version=version, aliases=became, data=source.tag,
-                              synthetic=source.synthetic, train=_jsonable(model.metrics), test=_jsonable(metrics))))
+        print(json.dumps(dict(model_name=settings.model_name, version=version, aliases=became, data=source.tag, synthetic=source.synthetic,
+                              tags=tags | model.feature_tags(), seeds=seeds, train=_jsonable(model.metrics), test=_jsonable(metrics))))
         return 0
+    _report_training(settings, model, metrics, version, became, source, seeds)
+
+# %% ../nbs/06_registry.ipynb #d562122a
+ALIAS = re.compile(r'[A-Za-z_][A-Za-z0-9_-]{0,254}')
+
+def check_alias(alias: str) -> str:
+    "Refuse an alias MLflow would refuse (letters, digits, `_`, `-`; not `latest`, not `v<number>`), before any registration."
+    if not ALIAS.fullmatch(alias) or alias.lower() == 'latest' or re.fullmatch(r'[vV]\d+', alias):
+        raise UserError(f'invalid alias {alias!r}: use letters, digits, "_" and "-" (e.g. champion, challenger); "latest" and v<number> are reserved')
+    return alias
+
+def promote_hint(settings: Settings, version) -> str:
+    "The command that makes an existing version champion."
+    return (f'champion is still version {champion_version(settings)}; to promote version {version}: '
+            f'fraud-nb promote {version}')
+
+# %% ../nbs/06_registry.ipynb #ee3815af
+def _report_training(settings, model, metrics, version, became, source, seeds):
     _print_table(_metrics_rows(metrics) | {'train_seconds': model.metrics['train_seconds'], 'trees': model.metrics['n_trees']},
                  f'{settings.model_name} version {version}{" (" + ", ".join(became) + ")" if became else ""}: '
                  f'test = {source.describe("test")}{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
-    if not became: print(f'champion is still version {champion_version(settings)}; promote with: fraud-nb train ... --alias champion, '
-                         f'or fraud_nb.registry.set_alias(settings, "champion", "{version}")')
+    if seeds:
+        print(f'over {seeds["n"]} seeds (registered: seed {seeds["chosen_seed"]}, the {seeds["rule"]}):')
+        for k, v in seeds['metrics'].items(): print(f'  {k:<22} {v}')
+        for k in ('threshold', 'cost_threshold'):
+            if k in seeds: t = seeds[k]; print(f'  {k:<22} {t["min"]:.4f}–{t["max"]:.4f} (max/min {t["ratio"]:.2f})')
+    if not became: print(promote_hint(settings, version))
 
-# %% ../nbs/06_registry.ipynb #d562122a
+def _source(a, settings: Settings, allow_synthetic: bool = True) -> DatasetSource:
+    "The dataset of `train`/`evaluate`: --simulate DAYS, --synthetic N, --data, the user's file, else a stand-in; with the day split."
+    if a.simulate: src = DatasetSource.generated(a.simulate, a.seed, 'simulated', **dict(SIMULATED_DEFAULT.options))
+    else: src = dataset_source(settings, a.data, a.synthetic, a.seed, allow_synthetic=allow_synthetic)
+    if a.test_days < 1 or a.delay_days < 0: raise UserError('--test-days must be >= 1 and --delay-days >= 0')
+    return replace(src, test_days=a.test_days, delay_days=a.delay_days)
+
+# %% ../nbs/06_registry.ipynb #3b0e89ad
 def train_main(argv: list[str], settings: Settings | None = None) -> int:
     "`fraud-nb train`: train on the earlier 80 % by time, evaluate on the last 20 %, register; returns the exit code."
     p = _data_options(command_parser('train', 'Train, evaluate and register a fraud model.'))
@@ -240,6 +349,8 @@ def train_main(argv: list[str], settings: Settings | None = None) -> int:
     p.add_argument('--n-estimators', type=int, default=600, help='most trees (early stopping decides)')
     p.add_argument('--no-refit', action='store_true', help='do not refit on train+validation after early stopping')
     p.add_argument('--alias', help='also point this alias (e.g. champion, challenger) at the new version')
+    p.add_argument('--seeds', type=int, help='models trained with successive seeds; the median one is registered (default: 3 on raw events, 1 on creditcard)')
+    p.add_argument('--trigger', default='cli', help='why this training runs (recorded as the version tag `trigger`)')
     p.add_argument('--if-no-champion', action='store_true',
                    help='do nothing if a champion exists (the one-shot first training of docker compose and `fraud-nb up`)')
     return run_command(p, argv, lambda a: _train(a, settings))
@@ -257,13 +368,16 @@ def _model_to_evaluate(a, settings: Settings) -> FraudModel | None:
 
 def _evaluate(a, settings: Settings | None) -> int:
     settings = require(settings or get_settings(), 'mlflow_tracking_uri')
-    source = dataset_source(settings, a.data, a.synthetic, a.seed, allow_synthetic=False)
-    test = source.load('test')
+    source = _source(a, settings, allow_synthetic=False)
+    cost = settings.review_cost if a.review_cost is None else a.review_cost
     if (model := _model_to_evaluate(a, settings)) is None: return 1
-    metrics = ev.evaluate(model, test, review_cost=settings.review_cost if a.review_cost is None else a.review_cost)
+    if source.kind.split:
+        if model.feature_set != 'raw_events': raise UserError(f'version {model.version} computes {model.feature_set!r} features; {source} holds raw events: train a model on raw events first')
+        metrics = raw_metrics(model, *raw_features(source), cost)
+    else: metrics = ev.evaluate(model, source.load('test'), review_cost=cost)
     if a.json:
         print(json.dumps(dict(model_name=settings.model_name, version=model.version, data=source.tag, synthetic=source.synthetic,
-                              split=source.describe('test'), metrics=_jsonable(metrics))))
+                              split=source.describe('test'), metrics=_jsonable(metrics), **{k: _jsonable(metrics).get(k) for k in HEADLINE})))
     else:
         _print_table(_metrics_rows(metrics), f'{settings.model_name} version {model.version}: {source.describe("test")}'
                      f'{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
@@ -273,3 +387,22 @@ def evaluate_main(argv: list[str], settings: Settings | None = None) -> int:
     p = _data_options(command_parser('evaluate', 'Evaluate the champion on the time-ordered test part of a dataset.'))
     p.add_argument('--version', help='a registered version instead of the champion')
     return run_command(p, argv, lambda a: _evaluate(a, settings))
+
+# %% ../nbs/06_registry.ipynb #84d78ba5
+def _promote(a, settings: Settings | None) -> int:
+    settings = require(settings or get_settings(), 'mlflow_tracking_uri')
+    alias = check_alias(a.alias)
+    try: model = load_version(settings, a.version)
+    except MlflowException as e: raise UserError(f'no version {a.version} of {settings.model_name!r} ({e.error_code})') from None
+    try: model.check_compatible()
+    except ValueError as e: raise UserError(str(e)) from None
+    before = alias_version(settings, alias)
+    set_alias(settings, alias, a.version)
+    _client(settings).set_model_version_tag(settings.model_name, str(a.version), f'promoted_{alias}', f'cli (was {before})')
+    print(f'{settings.model_name}: {alias} -> version {a.version} (was {before})')
+
+def promote_main(argv: list[str], settings: Settings | None = None) -> int:
+    "`fraud-nb promote VERSION`: make an existing version champion (or `--alias`)."
+    p = command_parser('promote', 'point champion (or --alias) at an existing registered version')
+    p.add_argument('version'); p.add_argument('--alias', default=CHAMPION, help='the alias to move')
+    return run_command(p, argv, lambda a: _promote(a, settings))
