@@ -8,7 +8,7 @@ import importlib, json, logging, os, sys
 from pathlib import Path
 from dataclasses import replace
 
-from .config import UserError, command_parser, describe, get_settings, require, run_command
+from .config import UserError, command_parser, describe, get_settings, read_stack_file, require, run_command
 
 # %% auto #0
 __all__ = ['COMMANDS', 'HELP', 'DEMO', 'APPS', 'resolve', 'main', 'same_data', 'data_mismatch', 'up_main', 'down_main',

@@ -96,3 +96,22 @@ def test_down_leaves_other_processes_alone(tmp_path):
         r = _cli(state_dir, 'down'); assert r.returncode == 0, r.stderr
         assert bystander.poll() is None
     finally: bystander.kill(); bystander.wait()
+
+
+def test_status_exits_non_zero_when_nothing_runs(tmp_path):
+    r = _cli(tmp_path/'state', 'status')
+    assert r.returncode == 1 and 'nothing runs' in r.stdout, (r.returncode, r.stdout, r.stderr)
+
+
+def test_plain_up_keeps_the_settings_the_stack_was_started_with(tmp_path, monkeypatch):
+    "`up --demo` records its overrides in stack.json; a plain `up` (e.g. restarting a killed producer) uses them again."
+    from fraud_nb import cli
+    state = tmp_path/'state'; state.mkdir()
+    (state/'stack.json').write_text(json.dumps({'services': {}, 'overrides': {'retrain_min_labels': 28_000, 'produce_rate': 100.0, 'label_delay_s': 10.0}}))
+    for k in list(os.environ):
+        if k.startswith('FRAUD_NB_'): monkeypatch.delenv(k)
+    monkeypatch.setenv('FRAUD_NB_STATE_DIR', str(state))
+    s = cli._settings_of_stack(demo=False)
+    assert (s.retrain_min_labels, s.produce_rate, s.label_delay_s) == (28_000, 100.0, 10.0)
+    monkeypatch.setenv('FRAUD_NB_PRODUCE_RATE', '7')   # an explicit variable still wins
+    assert cli._settings_of_stack(demo=False).produce_rate == 7.0
