@@ -326,13 +326,17 @@ def promote_hint(settings: Settings, version) -> str:
 def _report_training(settings, model, metrics, version, became, source, seeds):
     _print_table(_metrics_rows(metrics) | {'train_seconds': model.metrics['train_seconds'], 'trees': model.metrics['n_trees']},
                  f'{settings.model_name} version {version}{" (" + ", ".join(became) + ")" if became else ""}: '
-                 f'test = {source.describe("test")}{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
+                 f'test = {source.describe("test")}{_generated_note(source)}')
     if seeds:
         print(f'over {seeds["n"]} seeds (registered: seed {seeds["chosen_seed"]}, the {seeds["rule"]}):')
         for k, v in seeds['metrics'].items(): print(f'  {k:<22} {v}')
         for k in ('threshold', 'cost_threshold'):
             if k in seeds: t = seeds[k]; print(f'  {k:<22} {t["min"]:.4f}–{t["max"]:.4f} (max/min {t["ratio"]:.2f})')
     if not became: print(promote_hint(settings, version))
+
+def _generated_note(source: DatasetSource) -> str:
+    "A loud note when the data are generated: simulated raw events, or synthetic creditcard rows."
+    return '' if not source.synthetic else '  *** SIMULATED DATA ***' if source.generator == 'simulated' else '  *** SYNTHETIC DATA ***'
 
 def _source(a, settings: Settings, allow_synthetic: bool = True) -> DatasetSource:
     "The dataset of `train`/`evaluate`: --simulate DAYS, --synthetic N, --data, the user's file, else a stand-in; with the day split."
@@ -380,7 +384,7 @@ def _evaluate(a, settings: Settings | None) -> int:
                               split=source.describe('test'), metrics=_jsonable(metrics), **{k: _jsonable(metrics).get(k) for k in HEADLINE})))
     else:
         _print_table(_metrics_rows(metrics), f'{settings.model_name} version {model.version}: {source.describe("test")}'
-                     f'{"  *** SYNTHETIC DATA ***" if source.synthetic else ""}')
+                     f'{_generated_note(source)}')
 
 def evaluate_main(argv: list[str], settings: Settings | None = None) -> int:
     "`fraud-nb evaluate`: metrics of the champion (or --version) on the last 20 % by time; returns the exit code."
