@@ -12,8 +12,9 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ORIGIN', 'WINDOWS', 'floor_time', 'chart_range', 'q_rollup_sums', 'RollupTotals', 'LabelTotals', 'q_throughput',
-           'q_latency', 'q_scorers', 'q_alerts', 'q_retrain_progress', 'q_retrain_runs', 'q_promoted_at', 'q_series',
-           'q_stats_series', 'q_hist_bins', 'sum_hist', 'q_score_hist', 'q_precision', 'q_recall', 'quality']
+           'q_latency', 'q_scorers', 'q_stream', 'q_alerts', 'q_retrain_progress', 'q_retrain_runs', 'q_promoted_at',
+           'q_series', 'q_stats_series', 'q_hist_bins', 'sum_hist', 'q_score_hist', 'q_precision', 'q_recall',
+           'quality']
 
 # %% ../nbs/16_dashboard_queries.ipynb #8b77bbf9
 ORIGIN = datetime(2000, 1, 1, tzinfo=timezone.utc)  # date_bin origin; every step below divides the epoch offset
@@ -134,10 +135,22 @@ def q_scorers(conn, now: datetime, horizon: timedelta = timedelta(hours=1), live
         r['rate'] = r['processed'] / r['interval_s'] if r['interval_s'] else None
     return rows
 
+# %% ../nbs/16_dashboard_queries.ipynb #51d1210c
+def q_stream(conn, now: datetime, last: int = 2000) -> dict:
+    "Kind of the newest `last` scored rows ('raw_events' if they carry a card, else 'prefeaturized'; None: no rows) and `speed`: event time per wall second."
+    r = _row(conn, '''SELECT count(*) AS n, count(card_id) AS raw, extract(epoch FROM max(event_time) - min(event_time)) AS event_s,
+                             extract(epoch FROM max(scored_at) - min(scored_at)) AS wall_s
+                      FROM (SELECT card_id, event_time, scored_at FROM scored_transactions WHERE scored_at <= :now
+                            ORDER BY scored_at DESC LIMIT :k) t''', now=now, k=last)
+    kind = None if not r['n'] else 'raw_events' if r['raw'] * 2 >= r['n'] else 'prefeaturized'
+    wall = float(r['wall_s'] or 0)
+    return {'kind': kind, 'n': r['n'], 'speed': float(r['event_s']) / wall if wall >= 1 else None}
+
 # %% ../nbs/16_dashboard_queries.ipynb #c916880f
 def q_alerts(conn, now: datetime, k: int = 10) -> list[dict]:
-    "The newest `k` flagged transactions (partial index on flagged rows), with their label if it arrived."
-    return _rows(conn, '''SELECT s.tx_id, s.scored_at, s.amount, s.probability, s.threshold, s.model_version, l.label
+    "The newest `k` flagged transactions (partial index on flagged rows), with their label if it arrived (and card, terminal, event time)."
+    return _rows(conn, '''SELECT s.tx_id, s.scored_at, s.amount, s.probability, s.threshold, s.model_version, l.label,
+                                 s.card_id, s.terminal_id, s.event_time
                           FROM scored_transactions s LEFT JOIN labels l ON l.tx_id = s.tx_id
                           WHERE s.is_fraud AND s.scored_at <= :now ORDER BY s.scored_at DESC LIMIT :k''', now=now, k=k)
 
@@ -152,7 +165,7 @@ def q_retrain_progress(conn, min_labels: int) -> dict:
 def q_retrain_runs(conn, k: int = 8) -> list[dict]:
     "The newest `k` retraining runs."
     return _rows(conn, '''SELECT run_id, started_at, finished_at, trigger, new_labels, champion_version, challenger_version,
-                                 champion_metrics, challenger_metrics, decision, reason, report_html, status, error, duration_s
+                                 champion_metrics, challenger_metrics, decision, reason, report_html, status, error, duration_s, evidence
                           FROM retrain_runs ORDER BY started_at DESC LIMIT :k''', k=k)
 
 # %% ../nbs/16_dashboard_queries.ipynb #23a633ae
