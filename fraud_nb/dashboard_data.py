@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_dashboard_data.ipynb #25fc125d
 from __future__ import annotations
-import logging, math, os, threading, time
+import json, logging, math, os, threading, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,8 +20,8 @@ from .dashboard_queries import *
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STATES', 'BinCache', 'ChampionCache', 'reasons_text', 'AlertReasons', 'Snapshot', 'embedded_stack_down',
-           'failure_snapshot', 'DataSource', 'Timings', 'judge']
+__all__ = ['log', 'EVIDENCE_TAG', 'STATES', 'BinCache', 'ChampionCache', 'champion_evidence', 'run_evidence', 'reasons_text',
+           'AlertReasons', 'Snapshot', 'embedded_stack_down', 'failure_snapshot', 'DataSource', 'Timings', 'judge']
 
 # %% ../nbs/16_dashboard_data.ipynb #afd54659
 class BinCache:
@@ -96,6 +96,35 @@ def _fetch(self: ChampionCache, s: Settings) -> dict:
                 'tags': dict(mv.tags or {}), 'metrics': _run_metrics(self._client, mv)}
     except Exception as e:
         return {'state': 'error', 'message': f'registry unreachable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})'}
+
+# %% ../nbs/16_dashboard_data.ipynb #d84e08c3
+EVIDENCE_TAG = 'fraud_nb.evidence.'   # the tags of `retrain.evidence_tags`
+
+def _loads(v):
+    "JSON text decoded (a dict or list passes through; text that is not JSON is kept)."
+    try: return json.loads(v) if isinstance(v, str) else v
+    except ValueError: return v
+
+def _figures(m: dict, prefix: str | None) -> dict:
+    "The metrics measured on held-out data: those with `prefix`, or (None) those without a part's prefix."
+    if prefix: return {k: v for k, v in m.items() if k.startswith(prefix)}
+    return {k: v for k, v in m.items() if not k.startswith(('train_', 'holdout_', 'valid_'))}
+
+# %% ../nbs/16_dashboard_data.ipynb #59bed8f1
+def champion_evidence(ch: dict) -> dict:
+    "What the champion's figures stand on: `kind` 'holdout' (a retraining run's evidence), 'test' (trained offline) or 'none'; `n`, `frauds`, `metrics`."
+    tags, m = ch.get('tags') or {}, ch.get('metrics') or {}
+    ev = {k.removeprefix(EVIDENCE_TAG): _loads(v) for k, v in tags.items() if k.startswith(EVIDENCE_TAG)}
+    if 'holdout_frauds' in ev or 'holdout_frauds' in m:
+        frauds = m.get('holdout_frauds', ev.get('holdout_frauds'))
+        return {**ev, 'kind': 'holdout', 'n': m.get('holdout_n'), 'frauds': frauds, 'metrics': _figures(m, 'holdout_')}
+    fig = {k.removeprefix('test_'): v for k, v in _figures(m, None).items()}
+    return {'kind': 'test' if fig.get('n') else 'none', 'n': fig.get('n'), 'frauds': fig.get('frauds'), 'metrics': fig}
+
+def run_evidence(run: dict) -> dict | None:
+    "A retraining run's evidence: its `evidence` column, else (runs before migration 003) the copy in its challenger metrics."
+    ev = _loads(run.get('evidence')) or (_loads(run.get('challenger_metrics')) or {}).get('evidence')
+    return ev or None
 
 # %% ../nbs/16_dashboard_data.ipynb #d105918c
 def reasons_text(alert: dict) -> str:
@@ -195,6 +224,7 @@ class Snapshot:
     retrain: dict = field(default_factory=dict)
     runs: list = field(default_factory=list)
     champion: dict = field(default_factory=dict)
+    stream: dict = field(default_factory=dict)   # `q_stream`: the kind of the newest rows and their clock's speed
     series: list = field(default_factory=list)
     stats_series: list = field(default_factory=list)
     hist: list = field(default_factory=list)
@@ -304,6 +334,7 @@ def _read_figures(self: DataSource, c, snap: Snapshot, s: Settings, t: Timings):
     snap.alerts = t('alerts', q_alerts, c, at, self.k_alerts)
     snap.retrain = t('retrain_progress', q_retrain_progress, c, s.retrain_min_labels)
     snap.runs = t('retrain_runs', q_retrain_runs, c, self.k_runs)
+    snap.stream = t('stream', q_stream, c, at)
 
 @patch
 def _read_charts(self: DataSource, c, snap: Snapshot, t: Timings):
