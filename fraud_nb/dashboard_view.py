@@ -11,14 +11,14 @@ from pathlib import Path
 from fastcore.basics import patch
 
 from .dashboard_queries import WINDOWS
-from .dashboard_data import DataSource, Snapshot, STATES
+from .dashboard_data import DataSource, Snapshot, STATES, champion_evidence, run_evidence
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CSS', 'CHARTS', 'TITLES', 'fmt_int', 'fmt_pct', 'fmt_ms', 'fmt_num', 'fmt_time', 'esc', 'fmt_ago',
-           'fmt_duration', 'pick_metrics', 'render_header', 'render_tiles', 'render_scorers', 'render_alerts',
-           'report_link', 'render_runs', 'chart_data', 'Charts', 'Dashboard']
+           'fmt_duration', 'pick_metrics', 'render_header', 'diff_text', 'evidence_text', 'render_tiles',
+           'render_scorers', 'render_alerts', 'report_link', 'render_runs', 'chart_data', 'Charts', 'Dashboard']
 
 # %% ../nbs/17_dashboard_view.ipynb #a508036c
 def fmt_int(n) -> str: return '—' if n is None else f'{int(n):,}'
@@ -130,18 +130,61 @@ def _speed_tiles(snap: Snapshot) -> list[str]:
             _tile('scorers', 'live scorers · total lag', f'{len(live)} · {fmt_int(lag)}', f'{len(snap.scorers)} seen in the last hour', len(live))]
 
 # %% ../nbs/17_dashboard_view.ipynb #e14a79ef
+def _signed(x, money: bool) -> str: return '—' if x is None else f'{x:+,.0f}' if money else f'{x:+.3f}'
+
+def diff_text(ev: dict) -> str | None:
+    "The paired differences (challenger − champion) with their intervals, confidence and look; None without a champion to compare."
+    ap, cost = ev.get('ap_diff_interval') or [None], ev.get('cost_diff_interval') or [None]
+    if None in ap or None in cost: return None
+    iv = lambda i, money: f'[{_signed(i[0], money)}, {_signed(i[1], money)}]'
+    return (f"ΔAP {_signed(ev.get('ap_diff'), False)} {iv(ap, False)} · Δcost {_signed(ev.get('cost_diff'), True)} {iv(cost, True)} "
+            f"({100 * ev.get('confidence', .95):g} % interval, look {ev.get('look', 1)})")
+
+def evidence_text(ev: dict | None) -> str:
+    "A run's (or a version's) evidence in one line: holdout frauds and the intervals of the differences."
+    if not ev: return 'no evidence recorded'
+    return f"{fmt_int(ev.get('holdout_frauds'))} holdout frauds · " + (diff_text(ev) or 'no champion to compare: no interval')
+
+# %% ../nbs/17_dashboard_view.ipynb #7d669bad
+def _figures_text(ch: dict) -> str:
+    "The champion's held-out figures with what they stand on."
+    e = champion_evidence(ch)
+    figs = ' · '.join(f'{esc(k.removeprefix("holdout_"))} {v:.3f}' for k, v in pick_metrics(e['metrics'], 3))
+    if e['kind'] == 'holdout':
+        ctx = (_tagged('champion-evidence', 'holdout', f'holdout {fmt_int(e["n"])} tx, ' if e['n'] else 'holdout ')
+               + _tagged('champion-frauds', e['frauds'], f'{fmt_int(e["frauds"])} frauds'))
+    elif e['kind'] == 'test':
+        ctx = _tagged('champion-evidence', 'test', f'no holdout evidence (trained offline) · test set {fmt_int(e["n"])} tx, {fmt_int(e["frauds"])} frauds')
+    else: ctx = _tagged('champion-evidence', 'none', 'no holdout evidence · no test figures recorded')
+    out = ctx + (f': {figs}' if figs else '')
+    if e['kind'] != 'holdout': return out
+    out += '<br>' + esc(diff_text(e) or 'first model: no champion to compare, no interval')
+    return out + (' · <b>its run kept the champion: promoted by hand</b>' if e.get('promote') is False else '')
+
 def _champion_tile(snap: Snapshot) -> str:
     ch = snap.champion
     if ch.get('state') != 'ok': return _tile('champion', 'champion', '—', esc(ch.get('message', 'loading…')))
-    since = ch.get('promoted_at')
+    since, tags = ch.get('promoted_at'), ch['tags']
     sub = f'promoted {fmt_ago(since, snap.at)}' if since else f'registered {fmt_ago(ch["registered_at"], snap.at)}'
-    if ch['tags'].get('synthetic') == 'true': sub += ' · <b>synthetic training data</b>'
-    sub += '<br>' + ' · '.join(f'{esc(k.removeprefix("holdout_").removeprefix("test_"))} {v:.3f}' for k, v in pick_metrics(ch['metrics'], 4))
-    return _tile('champion', f'champion {ch["name"]}', f'v{ch["version"]}', sub, ch['version'])
+    fs = tags.get('fraud_nb.feature_set', 'prefeaturized')
+    sub += ' · ' + _tagged('feature-set', fs, f'features: {fs}' + (f' v{tags["fraud_nb.feature_set_version"]}' if tags.get('fraud_nb.feature_set_version') else ''))
+    if str(tags.get('data', '')).startswith('simulated'): sub += ' · <b>simulated training data</b>'
+    elif tags.get('synthetic') == 'true': sub += ' · <b>synthetic training data</b>'
+    return _tile('champion', f'champion {ch["name"]}', f'v{ch["version"]}', sub + '<br>' + _figures_text(ch), ch['version'])
+
+def _stream_tile(snap: Snapshot) -> str:
+    "Which kind of data the stream carries, on which clock, and whether the champion computes its features."
+    st, fs = snap.stream or {}, (snap.champion.get('tags') or {}).get('fraud_nb.feature_set', 'prefeaturized')
+    kind, speed = st.get('kind'), st.get('speed')
+    if kind is None: return _tile('stream', 'stream', '—', 'no rows yet')
+    sub = ('a card and a terminal per row; ' if kind == 'raw_events' else 'V1–V28 per row; ') + (
+        f'event time simulated: ×{speed:,.0f} the wall clock' if speed and not .5 < speed < 2 else 'event time ≈ wall clock')
+    if snap.champion.get('state') == 'ok' and fs != kind: sub += f' · <b>the champion computes {esc(fs)} features</b>'
+    return _tile('stream', 'stream (newest rows)', kind.replace('_', ' '), sub, kind)
 
 def _model_tiles(snap: Snapshot) -> list[str]:
     rp, q = snap.retrain, snap.quality
-    return [_champion_tile(snap),
+    return [_champion_tile(snap), _stream_tile(snap),
             _tile('retrain', 'next retrain', f'{fmt_int(rp["new_labels"])}{"+" if rp["capped"] else ""} / {fmt_int(rp["threshold"])}',
                   f'new labels since the last run<div class="fnb-bar"><div style="width:{100 * rp["progress"]:.0f}%"></div></div>', rp['new_labels']),
             _tile('precision', f'precision · recall ({snap.window})', f'{fmt_pct(q["precision"], 0)} · {fmt_pct(q["recall"], 0)}',
@@ -176,12 +219,15 @@ def _verdict(label) -> str:
     return '<span class="fnb-muted">pending</span>' if label is None else ('<b style="color:#9b1c1c">fraud</b>' if label == 1 else 'false alarm')
 
 def render_alerts(snap: Snapshot) -> str:
-    "The latest alerts, with their label once it arrived and their reasons from the alerts topic."
-    rows = [[esc(a['tx_id']), fmt_ago(a['scored_at'], snap.at), f'{a["amount"]:,.2f}', f'{a["probability"]:.3f}', f'{a["threshold"]:.3f}',
+    "The latest alerts, with their label once it arrived and their reasons from the alerts topic (raw events: card, terminal, event time)."
+    raw = any(a.get('card_id') for a in snap.alerts)
+    ev = lambda a: [f'{esc(a.get("card_id"))} · {esc(a.get("terminal_id"))}', fmt_time(a.get('event_time'))] if raw else []
+    rows = [[esc(a['tx_id']), fmt_ago(a['scored_at'], snap.at), *ev(a), f'{a["amount"]:,.2f}', f'{a["probability"]:.3f}', f'{a["threshold"]:.3f}',
              esc(a['model_version']), _verdict(a['label']), esc(a.get('reasons') or '—')] for a in snap.alerts]
     note = ' <span class="fnb-muted">(reasons from the alerts topic)</span>' if any(a.get('reasons') for a in snap.alerts) else ''
-    head = ['transaction', 'scored', 'amount', 'probability', 'threshold', 'model', 'label', 'top reasons']
-    return '<div class="fnb"><h3>Latest alerts' + note + '</h3>' + _table('alerts-table', head, rows, {2, 3, 4}) + '</div>'
+    head = ['transaction', 'scored', *(['card · terminal', 'event time (stream clock)'] if raw else []), 'amount', 'probability', 'threshold',
+            'model', 'label', 'top reasons']
+    return '<div class="fnb"><h3>Latest alerts' + note + '</h3>' + _table('alerts-table', head, rows, {4, 5, 6} if raw else {2, 3, 4}) + '</div>'
 
 # %% ../nbs/17_dashboard_view.ipynb #787edd8d
 def report_link(path: str | None, base_url: str = '') -> str:
@@ -193,18 +239,22 @@ def report_link(path: str | None, base_url: str = '') -> str:
 def _ap(m) -> str:
     "A run's average precision from its metrics (a dict, or JSON text)."
     m = (m if isinstance(m, dict) else json.loads(m)) if m else {}
-    ap = m.get('average_precision')
-    return f'AP {ap:.3f}' if isinstance(ap, (int, float)) else '—'
+    ap, fr = m.get('average_precision'), m.get('frauds')
+    return '—' if not isinstance(ap, (int, float)) else f'AP {ap:.3f}' + (f' on {fmt_int(fr)} frauds' if isinstance(fr, (int, float)) else '')
 
 # %% ../nbs/17_dashboard_view.ipynb #34435501
 def render_runs(snap: Snapshot, base_url: str = '') -> str:
     "The latest retraining runs: what they compared, what they decided and why, and their report."
     v = lambda version, m: f'v{esc(version)} {_ap(m)}' if version else '—'
+    def evid(r):
+        ev = run_evidence(r)
+        if r['status'] != 'succeeded' and not ev: return '—'
+        return _tagged('run-evidence', (ev or {}).get('holdout_frauds'), evidence_text(ev))
     rows = [[esc(r['run_id']), fmt_time(r['started_at']), esc(r['status']), esc(r['trigger']), fmt_int(r['new_labels']), esc(r['decision'] or '—'),
-             v(r['champion_version'], r['champion_metrics']), v(r['challenger_version'], r['challenger_metrics']),
+             v(r['champion_version'], r['champion_metrics']), v(r['challenger_version'], r['challenger_metrics']), evid(r),
              fmt_num(r['duration_s'], 0), report_link(r['report_html'], base_url), esc((r['reason'] or r['error'] or '')[:240])] for r in snap.runs]
-    head = ['run', 'started', 'status', 'trigger', 'labels', 'decision', 'champion', 'challenger', 's', 'report', 'why']
-    return '<div class="fnb"><h3>Retraining runs</h3>' + _table('runs-table', head, rows, {4, 8}, 'no retraining run yet', wrap={10}) + '</div>'
+    head = ['run', 'started', 'status', 'trigger', 'labels', 'decision', 'champion (holdout)', 'challenger (holdout)', 'evidence', 's', 'report', 'why']
+    return '<div class="fnb"><h3>Retraining runs</h3>' + _table('runs-table', head, rows, {4, 9}, 'no retraining run yet', wrap={8, 11}) + '</div>'
 
 # %% ../nbs/17_dashboard_view.ipynb #f76fb7c6
 CHARTS = ('throughput', 'fraud_rate', 'latency', 'scores', 'quality')
@@ -230,7 +280,9 @@ def chart_data(snap: Snapshot) -> dict:
     unit, div = ('min', 60) if (end - start).total_seconds() <= 3600 else ('h', 3600)
     x = lambda t: (t - end).total_seconds() / div          # a step is drawn at its end
     ser = _dense(snap.series, start, end, step)
-    return {'unit': unit, 'x_range': (x(start), 0.0),
+    st = snap.stream or {}
+    sim = f"; event time runs ×{st['speed']:,.0f} (simulated)" if st.get('speed') and not .5 < st['speed'] < 2 else ''
+    return {'unit': unit, 'x_range': (x(start), 0.0), 'xlabel': f'{unit} before now, wall clock (when scored){sim}',
             'throughput': [(x(t + step), (r['n'] if r else 0) / step.total_seconds()) for t, r in ser],
             'fraud_rate': [(x(t + step), 100 * r['flagged'] / r['n'], r['sum_prob'] / r['n']) for t, r in ser if r and r['n']],
             'latency': [(x(r['t'] + step), r['p50_ms'], r['p95_ms'], r['p99_ms'], r['model_ms']) for r in snap.stats_series],
@@ -304,7 +356,7 @@ def render(self: Charts, name: str, d: dict, window: str, x_range: tuple[float, 
     if name == 'scores': _draw_scores(ax, self.art[name], d['scores'])
     else:
         self._draw_lines(name, d[name])
-        ax.set_xlim(*x_range); ax.set_xlabel(f"{d['unit']} (0 = now)", fontsize=8)
+        ax.set_xlim(*x_range); ax.set_xlabel(d.get('xlabel') or f"{d['unit']} (0 = now)", fontsize=8)
     buf = io.BytesIO(); self.figs[name].canvas.print_png(buf)
     return buf.getvalue()
 
@@ -356,7 +408,7 @@ def _draw(self: Dashboard, snap: Snapshot):
     "Re-draw the charts whose numbers changed."
     data = chart_data(snap)
     for n in CHARTS:
-        key = hashlib.sha1(repr((snap.window, data[n])).encode()).hexdigest()
+        key = hashlib.sha1(repr((snap.window, data[n], data['xlabel'])).encode()).hexdigest()
         if self._chart_keys.get(n) != key:
             self.images[n].value, self._chart_keys[n] = self.charts.render(n, data, snap.window, data['x_range']), key
 
