@@ -6,13 +6,14 @@ nbs/18_dashboard.ipynb).
 Also home of `ScorerSim`, a stand-in writer that inserts scored rows and their rollup exactly like the
 scorer's contract says (one transaction per batch, `ON CONFLICT (tx_id) DO NOTHING`, the rollup counting
 only the rows really inserted), used where a test needs traffic without a model."""
-import json, os, random, signal, subprocess, threading, time, urllib.error, urllib.request
+import json, os, random, re, signal, subprocess, threading, time, urllib.error, urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
 import pytest
 import sqlalchemy as sa
+from confluent_kafka import Producer
 
 from fraud_nb import db
 from fraud_nb.dashboard_data import DataSource
@@ -142,7 +143,12 @@ def test_incremental_totals_follow_new_rows(settings):
 
 
 def test_champion_from_the_registry(settings):
-    "The champion tile reads the registry: none yet, then the version with its metrics and promotion time."
+    """The champion tile reads the registry: none yet, then a raw-event version promoted by a retraining run, with its evidence (frauds and
+    intervals, as `retrain.evidence_tags` writes them), its feature set, and the runs table with the run's evidence; a raw-event stream
+    shows its kind and simulated clock, and its alerts' reasons (from the real alerts topic) name raw-event features."""
+    from fraud_nb import compare, retrain
+    from fraud_nb.contracts import encode_alert
+    from fraud_nb.dashboard_view import chart_data, render_alerts, render_runs
     from mlflow.tracking import MlflowClient
     bg = DataSource(settings, reasons=False, champion_ttl=0)           # the page's way: the registry is read in a thread
     assert bg.snapshot().champion['state'] == 'loading'
@@ -154,21 +160,52 @@ def test_champion_from_the_registry(settings):
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     exp = client.create_experiment(settings.experiment, artifact_location=settings.mlflow_artifact_root)
     run = client.create_run(exp)
-    client.log_metric(run.info.run_id, 'holdout_average_precision', 0.81); client.log_metric(run.info.run_id, 'holdout_recall', 0.7)
+    for k, v in {'holdout_average_precision': 0.81, 'holdout_recall': 0.7, 'holdout_n': 9000, 'holdout_frauds': 41}.items():
+        client.log_metric(run.info.run_id, k, v)
     client.set_terminated(run.info.run_id)
+    dec = compare.Decision(True, 'promoted (rule: ...)', 0.95, (-820.0, -40.0), (-0.012, 0.07), 41, None, look=2, cost_diff=-400.0, ap_diff=0.031)
+    ev = retrain.evidence(dec, {'holdout_frauds': 41})
     client.create_registered_model(settings.model_name)
-    mv = client.create_model_version(settings.model_name, source=f'{settings.mlflow_artifact_root}/m', run_id=run.info.run_id)
+    mv = client.create_model_version(settings.model_name, source=f'{settings.mlflow_artifact_root}/m', run_id=run.info.run_id,
+                                     tags={'fraud_nb.feature_set': 'raw_events', 'fraud_nb.feature_set_version': '1', 'data': 'simulated:35:seed=1',
+                                           **retrain.evidence_tags(ev)})
     client.set_registered_model_alias(settings.model_name, CHAMPION, mv.version)
     eng = _engine(settings)
+    sim0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
     with eng.begin() as c:
-        c.execute(sa.text('''INSERT INTO retrain_runs (run_id, trigger, label_watermark, status, decision, challenger_version, finished_at)
-                             VALUES ('r1', 'labels', 1, 'succeeded', 'promoted', :v, now() - interval '90 seconds')'''), {'v': str(mv.version)})
+        c.execute(sa.text('''INSERT INTO retrain_runs (run_id, trigger, label_watermark, status, decision, challenger_version, finished_at,
+                                                      challenger_metrics, evidence)
+                             VALUES ('r1', 'labels', 1, 'succeeded', 'promoted', :v, now() - interval '90 seconds', :m, :ev)'''),
+                  {'v': str(mv.version), 'm': json.dumps({'average_precision': 0.81, 'frauds': 41}), 'ev': json.dumps(ev)})
+        # a raw-event stream as the scorer writes it (card, terminal, event time on the simulated clock: 1 min per wall second)
+        for i in range(20):
+            c.execute(sa.text('''INSERT INTO scored_transactions (tx_id, event_time, tx_time, amount, features, probability, is_fraud, threshold,
+                                     model_version, scored_at, kafka_partition, kafka_offset, scorer_id, card_id, terminal_id, label_seq)
+                                 VALUES (:id, :et, 0, 12.5, '{0}', :p, :f, 0.5, :v, now() - make_interval(secs => :ago), 0, :i, 's', :card, 't9', 0)'''),
+                      {'id': f'raw-{i}', 'et': sim0 + timedelta(minutes=i), 'p': 0.9 if i == 19 else 0.1, 'f': i == 19, 'v': str(mv.version),
+                       'ago': 19 - i, 'i': i, 'card': f'card-{i % 4}'})
+    prod = Producer({'bootstrap.servers': settings.kafka_bootstrap})
+    prod.produce(settings.topic_alerts, encode_alert('raw-19', 0.9, 0.5, str(mv.version), datetime.now(timezone.utc).isoformat(), 12.5,
+                                                     [('term_risk_7d', 1.9), ('amount_to_mean_30d', 0.8), ('night', 0.2)]), key='raw-19')
+    assert prod.flush(10) == 0
+    src = DataSource(settings, champion_ttl=0, background=False)      # with the alerts topic this time
+    wait_until(lambda: (src.snapshot().alerts or [{}])[0].get('reasons'), 60, 'the alert\'s reasons read from the topic', interval=0.5)
     snap = src.snapshot()
     ch = snap.champion
     assert ch['state'] == 'ok' and ch['version'] == str(mv.version) and ch['metrics']['holdout_average_precision'] == pytest.approx(0.81)
     assert ch['promoted_at'] is not None
     html = render_tiles(snap)
-    assert f'data-testid="champion" data-value="{mv.version}"' in html and 'promoted 90 s ago' in html and 'average_precision 0.810' in html
+    assert re.search(r'promoted (9\d|1\d\d) s ago', html), html
+    for want in [f'data-testid="champion" data-value="{mv.version}"', 'holdout 9,000 tx, ', 'data-value="41.0">41 frauds</span>: average_precision 0.810',
+                 'ΔAP +0.031 [-0.012, +0.070] · Δcost -400 [-820, -40] (95 % interval, look 2)', 'data-testid="feature-set" data-value="raw_events"',
+                 'simulated training data', 'data-testid="stream" data-value="raw_events"', 'event time simulated: ×60 the wall clock']:
+        assert want in html, want
+    assert 'the champion computes' not in html
+    alerts = render_alerts(snap)
+    assert 'card-3 · t9' in alerts and 'term_risk_7d +1.90, amount_to_mean_30d +0.80, night +0.20' in alerts and '2026-03-01 00:19:00 UTC' in alerts
+    assert 'data-testid="run-evidence" data-value="41">41 holdout frauds · ΔAP +0.031 [-0.012, +0.070]' in render_runs(snap)
+    assert 'v' + str(mv.version) + ' AP 0.810 on 41 frauds' in render_runs(snap)
+    assert chart_data(snap)['xlabel'].endswith('event time runs ×60 (simulated)')
     eng.dispose(); src.close()
 
 
