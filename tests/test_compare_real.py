@@ -25,7 +25,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
+from fraud_nb import retrain
 from fraud_nb.compare import content_key, decide, leakproof_split, paired_bootstrap
+from fraud_nb.config import Settings
 from fraud_nb.data import LABEL, RAW_COLUMNS, load_transactions, time_split
 from fraud_nb.model import train_model
 
@@ -108,3 +110,21 @@ def test_the_leakproof_holdout_keeps_the_champion(replay, reach):
         assert counts['holdout'] <= counts['stream_in_gap'] and d.verdict.startswith('Not enough evidence yet')
     else:                    # a real comparison on 30+ frauds no model has seen
         assert counts['holdout_frauds'] >= 30 and holdout.tx_id.str.startswith('loop.0-').mean() > 0.9
+
+
+def test_the_retraining_code_path_keeps_the_champion(replay):
+    "The same reproduction through what the retraining notebook calls: retrain.split_run (label delay and 30 frauds from the"
+    "settings, the champion's training rows) and retrain.judge (paired bootstrap, decide at the look): no promotion, no AP ~1."
+    history, stream, champion = replay
+    s = Settings(label_delay_s=DELAY_S, promote_min_frauds=30)
+    split = retrain.split_run(history, stream, s)
+    print(split.counts)
+    assert not np.isin(content_key(split.holdout), content_key(split.train)).any()
+    assert split.counts['replays_of_challenger_training'] + split.counts['replays_of_champion_training'] > 0
+    challenger = train_like_retraining(split.train)
+    hold = split.holdout
+    boot, d = retrain.judge(hold, champion.predict_proba(hold), challenger.predict_proba(hold),
+                            (champion.threshold, challenger.threshold), s, look=1, n_boot=1000)
+    print(d.verdict)
+    assert not d.promote
+    for key in ('ap_champion', 'ap_challenger'): assert not boot.observed[key] >= 0.999, (key, boot.observed)
