@@ -104,6 +104,10 @@ def test_dashboard_in_a_browser_while_a_stream_is_scored(settings, tmp_path):
             assert reads[0][1] < N and reads[-1][1] > reads[0][1], f'the total did not move while the stream ran: {reads}'
             page.wait_for_function(f'() => document.querySelector("img").getAttribute("src") != {json.dumps(chart)}', timeout=30_000)  # the chart moved
             page.wait_for_function(f'() => document.querySelector(\'[data-testid="champion"]\').dataset.value == "{version}"', timeout=60_000)
+            # the champion was trained offline without test figures: no figures without context; the stream is prefeaturized
+            page.wait_for_selector('[data-testid="champion-evidence"][data-value="none"]', timeout=30_000)
+            assert 'no holdout evidence' in page.inner_text('[data-testid="champion-evidence"]')
+            assert _value(page, 'feature-set') == 'prefeaturized' and _value(page, 'stream') == 'prefeaturized'
             page.wait_for_function(f'() => {_js_value("scorers")} == 1 && '
                                    f'document.querySelector(\'[data-testid="state"]\').dataset.value == "ok"', timeout=30_000)
 
