@@ -182,3 +182,23 @@ def finish_stream(settings, prod: BackgroundProducer, proc: subprocess.Popen, lo
     wait_for(lambda: scored_count(settings) >= prod.n, 120, f'all {prod.n:,} rows\n' + tail(log_path))
     if committed_offsets: wait_for(lambda: committed_offsets(settings) == prod.n, 60, 'the offsets of every message committed')
     assert stop(proc) == 0, tail(log_path)
+
+
+def train_raw_champion(settings, seed: int = 11, alias: str | None = 'champion', feature_set_version: str | None = None) -> str:
+    "Train a small raw-event model on a simulated history (fit_model over RAW_EVENTS.batch) and register it; return its version."
+    from fraud_nb.simulator import simulate
+    from fraud_nb.features import RAW_EVENTS
+    from fraud_nb.model import fit_model
+    from fraud_nb import registry
+    h = simulate(days=30, customers=600, terminals=900, seed=seed)
+    X, y, cut = RAW_EVENTS.batch(h), h.Class.to_numpy(), [int(len(h) * .7), len(h)]
+    m = fit_model(X[:cut[0]], y[:cut[0]], X[cut[0]:], y[cut[0]:], h.amount.to_numpy()[cut[0]:], feature_set=RAW_EVENTS,
+                  n_estimators=30, seed=seed, refit=False)
+    if feature_set_version is not None: m.feature_set_version = feature_set_version
+    return registry.register_model(m, settings, metrics={}, alias=alias)
+
+
+def start_labels(settings, log_path: Path) -> subprocess.Popen:
+    "`fraud-nb labels` as a child process with the test's settings."
+    out = open(log_path, 'ab')
+    return subprocess.Popen(fraud_nb_cmd('labels'), env=service_env(settings), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

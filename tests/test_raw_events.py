@@ -1,0 +1,110 @@
+"""Raw events through the real scorer (issue 12): parity of the streamed features with the batch computation, exactly once,
+one replica then two on four partitions with a SIGKILL and restart; malformed raw events to the DLQ; a champion whose feature
+set this scorer cannot compute is refused while the old one serves. Real broker, PostgreSQL, MLflow, label sink."""
+import json, signal, threading
+
+import numpy as np
+import pandas as pd
+
+from scorer_helpers import (wait_for, query, scored_count, start_scorer, start_labels, stop, tail, wait_consuming,
+                            train_raw_champion, send_raw, read_topic)
+from fraud_nb.simulator import simulate
+from fraud_nb.features import RAW_EVENTS, CardState, to_ns, to_units, card_features
+from fraud_nb.stream import RawReplayer, raw_passes
+from fraud_nb.contracts import read_dead_letter
+
+
+def _stored(settings) -> pd.DataFrame:
+    rows = query(settings, '''SELECT tx_id, features, label_seq, card_id, (extract(epoch FROM event_time) * 1000000)::bigint,
+                              amount, kafka_partition, kafka_offset FROM scored_transactions''')
+    return pd.DataFrame(rows, columns=['tx_id', 'features', 'label_seq', 'card_id', 'us', 'amount', 'part', 'off'])
+
+
+def _check_parity(settings, h: pd.DataFrame, prefix: str):
+    "Every transaction once; stored features = the batch computation with the stored label_seq; card state = a recomputation."
+    st = _stored(settings)
+    ids = (prefix + '.' + h.tx_id.astype(str)).tolist()
+    assert len(st) == len(ids) and st.tx_id.is_unique and set(st.tx_id) == set(ids), f'{len(st)} rows for {len(ids)} transactions'
+    st = st.set_index('tx_id').loc[ids]
+    lab = dict(query(settings, 'SELECT tx_id, seq FROM labels'))
+    known = np.array([lab.get(t, np.iinfo(np.int64).max) for t in ids], np.int64)
+    assert (known < np.iinfo(np.int64).max).sum() > len(ids) // 2, 'most labels arrived through the label sink'
+    Xb = RAW_EVENTS.batch(h, known=known, as_of=st.label_seq.to_numpy(np.int64))
+    Xs = np.vstack(st.features.to_numpy())
+    np.testing.assert_allclose(Xs, Xb, rtol=1e-9, atol=0)
+    assert len(np.unique(st.label_seq)) > 3 and Xb[:, RAW_EVENTS.features.index('term_n_30d')].max() > 0   # labels really used
+    # the card state rebuilt from the table equals one computed over the whole history
+    tb = _stored(settings).sort_values(['part', 'off'])
+    eff = tb.groupby('card_id', sort=False)['us'].cummax().to_numpy(np.int64) * 1000
+    rebuilt = CardState.from_rows(tb.card_id.tolist(), eff, tb.amount.to_numpy())
+    one = CardState(); one.commit(card_features(one, one.codes(h.card_id.tolist()), to_ns(h.event_time), to_units(h.amount))[1])
+    key = lambda s: s.rows().sort_values(['card_id', 'eff_ns', 'amount'], ignore_index=True)
+    pd.testing.assert_frame_equal(key(rebuilt), key(one))
+
+
+def test_raw_event_parity_one_then_two_replicas_with_sigkill(settings, tmp_path):
+    assert settings.partitions == 4
+    train_raw_champion(settings)
+    h = simulate(days=16, customers=2_000, terminals=3_000, seed=5)
+    cut = int((h.event_time < h.event_time.iloc[0] + pd.Timedelta(days=8)).sum())  # h is in event-time order
+    labels = start_labels(settings, tmp_path/'labels.log')
+    logs = [tmp_path/f'scorer-{i}.log' for i in range(4)]
+    procs = []
+    try:
+        # one replica: the first 8 days
+        procs.append(start_scorer(settings, logs[0], '--id', 'one')); wait_consuming(logs[0], 4)
+        s1 = RawReplayer(settings, raw_passes(h.iloc[:cut]), rate=20_000, prefix='p').run()
+        assert s1.delivered == cut and s1.failed == 0, s1.line()
+        wait_for(lambda: scored_count(settings) >= cut, 120, f'{cut:,} rows\n' + tail(logs[0]))
+        assert stop(procs.pop()) == 0, tail(logs[0])
+        # two replicas on four partitions, one SIGKILLed mid-stream and restarted: the other 8 days
+        procs += [start_scorer(settings, logs[1], '--id', 'a'), start_scorer(settings, logs[2], '--id', 'b')]
+        for l in logs[1:3]: wait_consuming(l, 2)
+        rest = RawReplayer(settings, raw_passes(h.iloc[cut:]), rate=2_500, prefix='p')   # long enough for the restarted replica to take part
+        t = threading.Thread(target=rest.run, daemon=True); t.start()
+        wait_for(lambda: scored_count(settings) >= cut + (len(h) - cut) // 3, 120, 'a third of the second stream\n' + tail(logs[2]))
+        procs[1].send_signal(signal.SIGKILL); procs[1].wait(10)
+        procs[1] = start_scorer(settings, logs[3], '--id', 'b2')
+        wait_consuming(logs[3], 2, timeout=60)
+        t.join(120)
+        assert rest.summary.delivered == len(h) - cut and rest.summary.failed == 0, rest.summary.line()
+        wait_for(lambda: scored_count(settings) >= len(h), 180, f'all {len(h):,} rows\n' + tail(logs[1]) + tail(logs[3]))
+        wait_for(lambda: query(settings, 'SELECT count(*) FROM labels')[0][0] >= len(h), 60, 'every label stored')
+    finally:
+        for p in procs: stop(p)
+        stop(labels)
+    (n_b2,), = query(settings, "SELECT count(*) FROM scored_transactions WHERE scorer_id = 'b2'")
+    assert n_b2 > 0 and 'rebuilt' in logs[3].read_text(), 'the restarted replica scored its share from a rebuilt state'
+    _check_parity(settings, h, 'p')
+
+
+def test_raw_malformed_to_dlq_and_unknown_feature_set_refused(settings, tmp_path):
+    v1 = train_raw_champion(settings)
+    log = tmp_path/'scorer.log'
+    proc = start_scorer(settings, log)
+    try:
+        wait_consuming(log)
+        ok = lambda i, **kw: json.dumps({'tx_id': f'ok-{i}', 'event_time': '2026-02-01T10:00:00Z', 'card_id': f'C{i}',
+                                          'terminal_id': 'T1', 'amount': 12.5, **kw}).encode()
+        bad = {'missing card': json.dumps({'tx_id': 'b1', 'event_time': '2026-02-01T10:00:00Z', 'terminal_id': 'T1', 'amount': 1}).encode(),
+               'negative': ok(90, tx_id='b2', amount=-3), 'nan': ok(91, tx_id='b3').replace(b'12.5', b'NaN'),
+               'bad time': ok(92, tx_id='b4', event_time='tomorrow'), 'wrong type': ok(93, tx_id='b5', card_id=42),
+               'oversize': ok(94, tx_id='b6', note='x' * 5000), 'prefeaturized': json.dumps({'tx_id': 'b7', 'event_time': '2026-02-01T10:00:00Z',
+               'Time': 0, 'Amount': 1.0}).encode()}
+        send_raw(settings, [ok(i) for i in range(5)] + list(bad.values()) + [ok(i) for i in range(5, 10)])
+        wait_for(lambda: scored_count(settings) >= 10, 60, 'the valid raw events scored\n' + tail(log))
+        dead = {read_dead_letter(m)['value']: read_dead_letter(m)['reason'] for m in read_topic(settings, settings.topic_dlq, len(bad))}
+        for what, needle in [('missing card', 'card_id'), ('negative', '>= 0'), ('nan', 'not finite'), ('bad time', 'ISO-8601'),
+                             ('wrong type', 'card_id must be a string'), ('oversize', 'oversize'), ('prefeaturized', 'missing field(s): card_id')]:
+            assert needle in (dead.get(bad[what]) or ''), (what, dead.get(bad[what]))
+        # a champion of a feature-set version this scorer cannot compute: refused, the old one keeps serving
+        v2 = train_raw_champion(settings, seed=12, feature_set_version='99')
+        from fraud_nb.reload import signal_champion_changed
+        signal_champion_changed(settings, v2)
+        wait_for(lambda: f'REFUSED model version {v2}' in log.read_text(), 60, 'the refusal\n' + tail(log))
+        send_raw(settings, [ok(i) for i in range(10, 15)])
+        wait_for(lambda: scored_count(settings) >= 15, 60, 'more raw events scored\n' + tail(log))
+        assert {r[0] for r in query(settings, 'SELECT DISTINCT model_version FROM scored_transactions')} == {v1}
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0, tail(log)
