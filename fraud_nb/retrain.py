@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'TRAIN_END_TAG', 'SECRET_ENV', 'THREAD_VARS', 'last_watermark', 'labels_since', 'labelled_stream',
            'historical_source', 'historical_training_set', 'champion_training_end', 'split_run', 'train_end_of',
-           'parts_summary', 'look_at', 'judge', 'evidence', 'evidence_tags', 'secrets_of', 'redact', 'redact_file',
-           'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env', 'kernel_manager', 'template_path',
-           'render_html', 'RunOutcome', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop',
-           'retrainer_main', 'retrain_main']
+           'parts_summary', 'run_kind', 'kind_text', 'raw_stream', 'raw_stream_features', 'served_difference',
+           'raw_frames', 'fit_raw_challenger', 'daily_card_precision', 'look_at', 'judge', 'evidence', 'evidence_tags',
+           'secrets_of', 'redact', 'redact_file', 'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env',
+           'kernel_manager', 'template_path', 'render_html', 'RunOutcome', 'run_retraining', 'should_run',
+           'next_backoff', 'retrainer_loop', 'retrainer_main', 'retrain_main']
 
 # %% ../nbs/15_retrain.ipynb #6623e7d2
 def last_watermark(engine: sa.Engine) -> int:
@@ -90,10 +91,12 @@ def champion_training_end(engine: sa.Engine, tags: dict) -> pd.Timestamp | None:
 
 # %% ../nbs/15_retrain.ipynb #e2319518
 def split_run(history: pd.DataFrame, stream: pd.DataFrame, settings: Settings, champion_until=None,
-              holdout_fraction: float = 0.3) -> compare.Split:
-    "The run's leak-proof (train, holdout, counts) with `settings`' label delay and minimum of holdout frauds."
+              holdout_fraction: float = 0.3, *, delay=None, columns=None) -> compare.Split:
+    "The run's leak-proof (train, holdout, counts): gap `delay` (default the settings' label delay), content `columns` (default by kind)."
     champ_stream = stream[stream.event_time <= champion_until] if champion_until is not None else stream.iloc[:0]
-    return compare.leakproof_split(history, stream, delay=pd.Timedelta(seconds=settings.label_delay_s),
+    columns = columns or (compare.RAW_EVENT_CONTENT if 'card_id' in stream else compare.KAGGLE_CONTENT)
+    return compare.leakproof_split(history, stream, delay=pd.Timedelta(seconds=settings.label_delay_s) if delay is None else pd.Timedelta(delay),
+                                   columns=columns,
                                    holdout_fraction=holdout_fraction, min_holdout_frauds=settings.promote_min_frauds,
                                    champion_train=pd.concat([history, champ_stream], ignore_index=True),
                                    champion_until=champion_until)
@@ -106,13 +109,97 @@ def train_end_of(split: compare.Split) -> str | None:
 # %% ../nbs/15_retrain.ipynb #dcc134be
 def _part_row(name: str, d: pd.DataFrame) -> dict:
     t = d['event_time'] if 'event_time' in d and d['event_time'].notna().any() else None
-    when = lambda f: '-' if not len(d) else (f(t) if t is not None else f"Time {f(d['Time']):,.0f} s")
+    when = lambda f: '-' if not len(d) else (f(t) if t is not None else f"Time {f(d['Time']):,.0f} s" if 'Time' in d else 'prior data')
     return dict(part=name, transactions=len(d), frauds=int(d[LABEL].sum()) if len(d) else 0,
                 fraud_rate=f"{d[LABEL].mean():.3%}" if len(d) else '-', first=when(lambda x: x.min()), last=when(lambda x: x.max()))
 
 def parts_summary(**parts: pd.DataFrame) -> pd.DataFrame:
     "Counts, frauds and time ranges of each named part (`train=..., validation=..., holdout=...`)."
     return pd.DataFrame([_part_row(k, v) for k, v in parts.items()]).set_index('part')
+
+# %% ../nbs/15_retrain.ipynb #8bfafba9
+def run_kind(champion_tags: dict, source: DatasetSource) -> str:
+    "'raw_events' when the champion computes raw-event features or its data are raw events, else 'prefeaturized'."
+    if champion_tags.get('fraud_nb.feature_set') == 'raw_events': return 'raw_events'
+    return 'raw_events' if source.kind.name == 'raw_events' else 'prefeaturized'
+
+def kind_text(kind: str) -> str:
+    "The kind of data and the feature set in words, for the report's first screen."
+    from fraud_nb.features import FEATURE_SETS
+    fs = FEATURE_SETS[kind]
+    what = 'raw events (card, terminal, amount, time)' if kind == 'raw_events' else 'prefeaturized creditcard rows (Time, V1..V28, Amount)'
+    return f'{what}; feature set `{fs.name}` v{fs.version} ({len(fs.features)} features)'
+
+# %% ../nbs/15_retrain.ipynb #060854d4
+_RAW_STREAM = sa.text('''WITH top AS (SELECT max(s.event_time) AS t FROM scored_transactions s JOIN labels l USING (tx_id)
+                                    WHERE l.seq <= :w AND s.card_id IS NOT NULL)
+    SELECT s.tx_id, s.event_time, s.card_id, s.terminal_id, s.amount, s.features, s.label_seq, l.label, l.seq
+    FROM scored_transactions s LEFT JOIN labels l USING (tx_id), top WHERE s.card_id IS NOT NULL AND s.event_time <= top.t
+    ORDER BY s.event_time, s.kafka_partition, s.kafka_offset''')
+
+def raw_stream(engine: sa.Engine, watermark: int) -> pd.DataFrame:
+    "Every scored raw event up to the newest one labelled by `watermark`, with its label if any (`labelled`: up to the watermark)."
+    with engine.connect() as c: rows = c.execute(_RAW_STREAM, {'w': watermark}).all()
+    df = pd.DataFrame([tuple(r) for r in rows], columns=['tx_id', 'event_time', 'card_id', 'terminal_id', 'amount', 'stored',
+                                                         'label_seq', LABEL, 'seq'])
+    df['event_time'] = pd.to_datetime(df['event_time'], utc=True)
+    df['labelled'] = (df['seq'].notna() & (df['seq'].fillna(0) <= watermark)).astype(bool)
+    df[LABEL] = df[LABEL].fillna(0).astype('int64'); df['amount'] = df['amount'].astype(float)
+    df['label_seq'] = df['label_seq'].fillna(0).astype('int64')
+    return df
+
+# %% ../nbs/15_retrain.ipynb #dad37f3d
+def raw_stream_features(stream: pd.DataFrame) -> np.ndarray:
+    "The stream's `RAW_EVENTS` features, arrival rule: a label counts for a row if it arrived by the row's `label_seq`."
+    from fraud_nb.features import RAW_EVENTS
+    known = stream['seq'].fillna(np.iinfo(np.int64).max).to_numpy(np.int64)
+    return RAW_EVENTS.batch(stream, known=known, as_of=stream['label_seq'].to_numpy(np.int64))
+
+def served_difference(stream: pd.DataFrame, F: np.ndarray) -> float:
+    "Largest relative difference between `F` and the features the scorer stored (0: the very features it served)."
+    if not len(stream): return 0.0
+    S = np.vstack(stream['stored'].to_numpy()).astype(np.float64)
+    return float(np.max(np.abs(S - F) / np.maximum(np.abs(S), 1e-12), initial=0.0))
+
+# %% ../nbs/15_retrain.ipynb #4baa4c3f
+_RAW_KEEP = ['tx_id', 'event_time', 'card_id', 'terminal_id', 'amount', LABEL]
+
+def raw_frames(history: pd.DataFrame, stream: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict]:
+    "(history, labelled stream, features of both, notes); each row's `_row` indexes the features."
+    from fraud_nb.features import RAW_EVENTS
+    Fs = raw_stream_features(stream)
+    h = history[_RAW_KEEP].assign(_row=np.arange(len(history)))
+    lab = stream['labelled'].to_numpy(bool)
+    s = stream.loc[lab, _RAW_KEEP].assign(_row=len(history) + np.flatnonzero(lab)).reset_index(drop=True)
+    prior = bool(len(h) and len(s) and h.event_time.max() >= s.event_time.min())
+    if prior: h['event_time'] = pd.Series(pd.NaT, index=h.index, dtype='datetime64[ns, UTC]')
+    notes = dict(history_as_prior=prior, stream_scored=len(stream), stream_labelled=int(lab.sum()),
+                 served_max_rel_diff=served_difference(stream, Fs))
+    return h, s, np.vstack([RAW_EVENTS.batch(history), Fs]).astype(np.float32), notes
+
+# %% ../nbs/15_retrain.ipynb #49acf60a
+def fit_raw_challenger(train: pd.DataFrame, valid: pd.DataFrame, F: np.ndarray, settings: Settings, *, seed: int = 0,
+                       n_estimators: int = 400, threads: int = 1, gap: np.ndarray | None = None, gap_days: float = 0.0):
+    "A raw-event `FraudModel` fitted on `train`'s features (`_row` into `F`), early-stopped on `valid`; alert-budget threshold on `gap`."
+    from fraud_nb.model import fit_model
+    X, V = F[train['_row'].to_numpy()], F[valid['_row'].to_numpy()]
+    m = fit_model(X, train[LABEL].to_numpy(), V, valid[LABEL].to_numpy(), valid['amount'].to_numpy(), feature_set='raw_events',
+                  seed=seed, review_cost=settings.review_cost, n_estimators=n_estimators, params={'nthread': threads})
+    m.metrics['cost_threshold'] = m.threshold
+    if gap is not None and len(gap) and gap_days > 0:
+        m.threshold = compare.alert_budget_threshold(m.predict_proba_features(F[gap]), settings.review_capacity, gap_days)
+    return m
+
+# %% ../nbs/15_retrain.ipynb #ae5666b2
+def daily_card_precision(hold: pd.DataFrame, scores: dict, k: int = 100) -> pd.DataFrame:
+    "Per day of `hold`: transactions, frauds, cards, and each model's card precision@k (of the day's k top cards, the share with a fraud)."
+    from fraud_nb.evaluation import card_precision_at_k
+    day, rows = pd.to_datetime(hold['event_time'], utc=True).dt.floor('D'), []
+    for d in sorted(day.unique()):
+        m = (day == d).to_numpy(); h = hold[m]
+        rows.append(dict(day=d, n=int(m.sum()), frauds=int(h[LABEL].sum()), cards=h['card_id'].nunique(),
+                         **{f'card_p_at_{k}_{name}': card_precision_at_k(h, np.asarray(p)[m], k) for name, p in scores.items()}))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/15_retrain.ipynb #8184f634
 def look_at(engine: sa.Engine, champion_version: str | None) -> int:
@@ -130,7 +217,7 @@ def judge(holdout: pd.DataFrame, p_champion, p_challenger, thresholds: tuple[flo
     kw = dict(confidence=conf, min_frauds=settings.promote_min_frauds if min_frauds is None else min_frauds, look=look)
     if p_champion is None: return None, compare.decide(None, **kw)
     y = holdout[LABEL].to_numpy() if len(holdout) else np.zeros(0, int)
-    boot = compare.paired_bootstrap(y, p_champion, p_challenger, holdout['Amount'].to_numpy(dtype=float), thresholds,
+    boot = compare.paired_bootstrap(y, p_champion, p_challenger, holdout['Amount' if 'Amount' in holdout else 'amount'].to_numpy(dtype=float), thresholds,
                                     n_boot=n_boot, seed=seed, review_cost=settings.review_cost)
     return boot, compare.decide(boot, holdout_share=holdout_share, **kw)
 
