@@ -86,6 +86,10 @@ def test_research_notebook_compares_and_registers_a_challenger(settings, tmp_pat
     assert tags['fraud_nb.origin'] == 'research' and tags['fraud_nb.compared_with'] == v1 and tags['data'] == 'synthetic:20000:seed=3:fraud_rate=0.01'
     assert json.loads(tags['fraud_nb.candidate_params']) == {'max_depth': 4, 'learning_rate': 0.1}
     assert tags['fraud_nb.verdict'] in text and tags['fraud_nb.would_promote'] in ('true', 'false')
+    # the evidence as a retrained version carries it (retrain.evidence_tags), and the newest stream row it trained on
+    assert tags['fraud_nb.evidence.verdict'] == tags['fraud_nb.verdict'] and json.loads(tags['fraud_nb.evidence.look']) == 1
+    assert json.loads(tags['fraud_nb.evidence.promote']) == (tags['fraud_nb.would_promote'] == 'true')
+    assert tags['fraud_nb.train_end'] > '2026'
     metrics = json.loads(tags['metrics'])
     assert metrics['holdout_frauds'] >= 10 and 0 < metrics['holdout_average_precision'] <= 1
     assert metrics['holdout_cost_diff_low'] <= metrics['holdout_cost_diff_vs_champion'] <= metrics['holdout_cost_diff_high']
