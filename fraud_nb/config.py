@@ -30,9 +30,9 @@ STACK_FILE = 'stack.json'  # written by `fraud-nb up` inside the state directory
 DEFAULT_REVIEW_COST = 5.0  # the one place the review cost's default lives; `Settings.review_cost` uses it
 
 # %% ../nbs/00_config.ipynb #b4b4d8a1
-def _setting(default, help, check=None):
-    "A field of `Settings` with its help text and an optional `check(value) -> error or None`."
-    return field(default=default, metadata={'help': help, 'check': check})
+def _setting(default, help, check=None, secret=False):
+    "A field of `Settings` with its help text, an optional `check(value) -> error or None`; a `secret` is never shown."
+    return field(default=default, repr=not secret, metadata={'help': help, 'check': check, 'secret': secret})
 
 def _positive(v): return None if v > 0 else 'must be > 0'
 def _non_negative(v): return None if v >= 0 else 'must be >= 0'
@@ -40,6 +40,10 @@ def _topic(v): return None if re.fullmatch(r'[A-Za-z0-9._-]{1,249}', v) else 'mu
 def _port(v): return None if 0 < v < 65536 else 'must be a TCP port (1-65535)'
 def _fraction(v): return None if 0 < v < 1 else 'must be between 0 and 1 (exclusive)'
 def _niceness(v): return None if 0 <= v <= 19 else 'must be a niceness between 0 and 19'
+def _secrets(v):
+    "The `source:secret,...` format of `label_secrets`."
+    ok = all(re.fullmatch(r'[A-Za-z0-9._-]{1,64}:[^,]{16,}', e.strip()) for e in v.split(',')) if v.strip() else True
+    return None if ok else 'must be source:secret,... (source [A-Za-z0-9._-], 1-64 chars; secret at least 16 chars, no comma)'
 def _level(v): return None if v.upper() in ('DEBUG', 'INFO', 'WARNING', 'ERROR') else 'must be DEBUG, INFO, WARNING or ERROR'
 
 # %% ../nbs/00_config.ipynb #62507897
@@ -82,6 +86,9 @@ class Settings:
     produce_rate: float = _setting(200.0, 'transactions per second the demo producer sends (0: as fast as possible)', _non_negative)
     label_delay_s: float = _setting(30.0, 'delay before a transaction\'s label is published, in s', _non_negative)
     log_level: str = _setting('INFO', 'log level of the services', _level)
+    label_secrets: str = _setting('', 'source:secret,... shared secrets of the trusted label sources (HMAC-SHA256 signatures); '
+                                  'empty: the label sink accepts unsigned labels, and says so', _secrets, secret=True)
+    topic_labels_dlq: str = _setting('labels.dlq', 'dead-letter topic for refused labels (malformed, unsigned, forged, unknown source)', _topic)
 
     @classmethod
     def env_var(cls, name: str) -> str: return PREFIX + name.upper()
@@ -97,12 +104,12 @@ _TYPES = {'Path': Path, 'str': str, 'int': int, 'float': float}
 def _parse(f, raw: str):
     "Convert the text of one environment variable to the field's type, or raise `ConfigError` naming it."
     typ = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
-    var = Settings.env_var(f.name)
+    var, shown = Settings.env_var(f.name), '***' if f.metadata.get('secret') else repr(raw)
     try: value = typ(raw.strip()) if typ is not str else raw.strip()
-    except ValueError: raise ConfigError(f'{var}={raw!r} is not a valid {typ.__name__}') from None
-    if typ in (int, float) and value != value: raise ConfigError(f'{var}={raw!r} is not a number')
+    except ValueError: raise ConfigError(f'{var}={shown} is not a valid {typ.__name__}') from None
+    if typ in (int, float) and value != value: raise ConfigError(f'{var}={shown} is not a number')
     err = f.metadata['check'](value) if f.metadata.get('check') else None
-    if err: raise ConfigError(f'{var}={raw!r} {err}')
+    if err: raise ConfigError(f'{var}={shown} {err}')
     return value
 
 # %% ../nbs/00_config.ipynb #336f7758
@@ -148,9 +155,9 @@ def to_env(settings: Settings) -> dict[str, str]:
 
 # %% ../nbs/00_config.ipynb #63a07e09
 def describe(settings: Settings) -> list[dict]:
-    "Each setting with its variable, value and help, for `fraud-nb config` and the docs. URLs lose their passwords."
-    def safe(v): return re.sub(r'://([^:/@]+):[^@]*@', r'://\1:***@', str(v))
-    return [dict(variable=Settings.env_var(f.name), value=safe(getattr(settings, f.name)), help=f.metadata['help']) for f in fields(settings)]
+    "Each setting with its variable, value and help, for `fraud-nb config` and the docs. URLs lose their passwords, secrets their value."
+    def safe(f, v): return ('***' if v else '') if f.metadata.get('secret') else re.sub(r'://([^:/@]+):[^@]*@', r'://\1:***@', str(v))
+    return [dict(variable=Settings.env_var(f.name), value=safe(f, getattr(settings, f.name)), help=f.metadata['help']) for f in fields(settings)]
 
 # %% ../nbs/00_config.ipynb #bf458500
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
