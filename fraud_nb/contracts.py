@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_contracts.ipynb #bae22538
 from __future__ import annotations
-import itertools, json, math, operator, re, time
+import hashlib, hmac, itertools, json, math, operator, re, time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Callable
@@ -22,7 +22,8 @@ __all__ = ['NAT_US', 'NUMERIC_FIELDS', 'REQUIRED_FIELDS', 'FORBIDDEN_FIELDS', 'M
            'MAX_EXTRA_CHARS', 'RAW_EVENTS', 'MAX_LABEL_BYTES', 'DLQ_HEADERS', 'iso_utc', 'parse_event_times',
            'check_transaction', 'Decoded', 'decode_transactions', 'encode_transactions', 'TransactionContract',
            'register_contract', 'transaction_contract', 'check_raw_event', 'RawDecoded', 'decode_raw_events',
-           'encode_raw_events', 'encode_label', 'check_label', 'encode_alert', 'check_alert', 'dead_letter_headers',
+           'encode_raw_events', 'encode_label', 'check_label', 'parse_label_secrets', 'label_content',
+           'label_signature', 'sign_label', 'verify_label', 'encode_alert', 'check_alert', 'dead_letter_headers',
            'read_dead_letter']
 
 # %% ../nbs/09_contracts.ipynb #af81f8c6
@@ -346,6 +347,42 @@ def check_label(value: bytes | None) -> tuple[tuple | None, str | None]:
     if not isinstance(at, str) or parse_event_times([at])[0] == NAT_US: return None, f'labeled_at must be an ISO-8601 timestamp, got {str(at)[:40]!r}'
     why = _label_optional(d)
     return (None, why) if why else ((t, y, at, d.get('terminal_id'), d.get('event_time'), d.get('source')), None)
+
+# %% ../nbs/09_contracts.ipynb #e638ff85
+def parse_label_secrets(text: str) -> dict[str, bytes]:
+    "`source:secret,...` (the format of `Settings.label_secrets`) as {source: secret bytes}."
+    pairs = [e.strip().split(':', 1) for e in (text or '').split(',') if e.strip()]
+    return {src: secret.encode() for src, secret in pairs}
+
+def label_content(row: tuple) -> bytes:
+    "The canonical bytes a label's signature covers, from `check_label`'s row (tx_id, label, labeled_at, terminal_id, event_time, source)."
+    d = {k: v for k, v in zip(('tx_id', 'label', 'labeled_at', 'terminal_id', 'event_time', 'source'), row) if v is not None}
+    return json.dumps(d, sort_keys=True, separators=(',', ':'), ensure_ascii=False).encode()
+
+def label_signature(row: tuple, secret: bytes) -> str:
+    "The hex HMAC-SHA256 of the label `row`'s canonical content under `secret`."
+    return hmac.new(secret, label_content(row), hashlib.sha256).hexdigest()
+
+# %% ../nbs/09_contracts.ipynb #995c3f9a
+def sign_label(tx_id: str, label: int, labeled_at: str | None = None, *, source: str, secret: bytes,
+               terminal_id: str | None = None, event_time: str | None = None) -> bytes:
+    "A label message from `source`, signed with its `secret`."
+    at = labeled_at or iso_utc()
+    d = json.loads(encode_label(tx_id, label, at, terminal_id=terminal_id, event_time=event_time, source=source))
+    d['sig'] = label_signature((tx_id, int(label), at, terminal_id, event_time, source), secret)
+    return json.dumps(d, separators=(',', ':')).encode()
+
+# %% ../nbs/09_contracts.ipynb #2d950bac
+def verify_label(value: bytes | None, secrets: dict[str, bytes]) -> tuple[tuple | None, str | None]:
+    "`check_label`, then (with `secrets`) a known source and a signature that verifies: `(row, None)` or `(None, reason)`."
+    row, why = check_label(value)
+    if why or not secrets: return row, why
+    src, sig = row[5], json.loads(value).get('sig')
+    if src is None: return None, 'unsigned label: no source (this label sink accepts only signed labels)'
+    if src not in secrets: return None, f'unknown label source {src!r} (not configured in FRAUD_NB_LABEL_SECRETS)'
+    if not isinstance(sig, str) or not sig: return None, f'unsigned label: no signature (source {src!r})'
+    if not hmac.compare_digest(sig, label_signature(row, secrets[src])): return None, f'forged label: the signature does not verify for source {src!r}'
+    return row, None
 
 # %% ../nbs/09_contracts.ipynb #e6335cef
 def encode_alert(tx_id: str, probability: float, threshold: float, model_version: str, scored_at: str, amount: float,

@@ -9,14 +9,14 @@ import io, logging, os, signal, socket, threading, time
 from fastcore.basics import patch
 
 from .config import Settings, get_settings, require, command_parser, run_command
-from .contracts import check_label, dead_letter_headers
+from .contracts import verify_label, parse_label_secrets, dead_letter_headers
 from .pg import RetryingWriter, WriteAbandoned
-from .stream import make_producer
+from .stream import make_producer, publish, commit_offsets
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'LabelWriter', 'LabelSink', 'labels_main']
+__all__ = ['log', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'LabelWriter', 'LabelSink', 'ensure_topic', 'labels_main']
 
 # %% ../nbs/14_labels.ipynb #ce180e35
 LABEL_STAGE = 'fraud_nb_label_stage'
@@ -73,6 +73,7 @@ class LabelSink:
         self.stop_event = threading.Event()
         self._stop_at = None
         self.counts = dict(handled=0, inserted=0, changed=0, dead_letters=0)
+        self.secrets = parse_label_secrets(self.s.label_secrets)   # {source: secret}; empty: unsigned labels accepted
 
     def stop(self):
         if self._stop_at is None: self._stop_at = time.monotonic()
@@ -89,7 +90,7 @@ def _sort(self: LabelSink, msgs: list) -> tuple[list, list, dict]:
         if m.error():
             log.warning('consumer error: %s', m.error()); continue
         k = (m.topic(), m.partition()); offsets[k] = max(offsets.get(k, -1), m.offset() + 1)
-        row, why = check_label(m.value())
+        row, why = verify_label(m.value(), self.secrets)
         if why:
             tt, ts = m.timestamp()
             dead.append((m, why, dead_letter_headers(why, m.topic(), m.partition(), m.offset(), ts if tt else None, self.id)))
@@ -99,26 +100,41 @@ def _sort(self: LabelSink, msgs: list) -> tuple[list, list, dict]:
 # %% ../nbs/14_labels.ipynb #fe8c02fa
 @patch
 def handle(self: LabelSink, msgs: list, consumer, producer) -> bool:
-    "Write one batch, dead-letter the malformed, commit; False if the batch had to be abandoned (offsets not committed)."
-    from confluent_kafka import TopicPartition
+    "Write the accepted labels, send the refused ones to the labels dead-letter topic, commit; False if abandoned (offsets not committed)."
     rows, dead, offsets = self._sort(msgs)
-    try: ins, changed = self.writer.write(rows, self._give_up)
+    for m, why, _ in dead: log.warning('label refused at %s[%d]@%d: %s', m.topic(), m.partition(), m.offset(), why)
+    try:
+        ins, changed = self.writer.write(rows, self._give_up)
+        publish(producer, [(self.s.topic_labels_dlq, m.key(), m.value(), h) for m, _, h in dead], self._give_up, 'label dead-letter')
     except WriteAbandoned as e:
         log.error('label batch abandoned at shutdown (%s); it will be replayed', e); return False
-    for m, why, headers in dead:
-        log.warning('malformed label at %s[%d]@%d: %s', m.topic(), m.partition(), m.offset(), why)
-        producer.produce(self.s.topic_dlq, m.value(), key=m.key(), headers=headers)
-    while dead and producer.flush(5) > 0:
-        log.warning('waiting for the broker to take %d label dead letter(s)', len(producer))
-        if self._give_up(): return False
-    if offsets:
-        try: consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
-        except Exception as e: log.info('label offsets not committed (%s); the batch will be replayed, idempotently', e)
+    if offsets and not commit_offsets(consumer, offsets, give_up=self._give_up):
+        log.info('label offsets not committed; the batch will be replayed, idempotently')
     c = self.counts
     c['handled'] += len(msgs); c['inserted'] += ins; c['changed'] += changed; c['dead_letters'] += len(dead)
     return True
 
 # %% ../nbs/14_labels.ipynb #2c8a9460
+def ensure_topic(settings: Settings, topic: str, partitions: int = 1, timeout: float = 10.0) -> bool:
+    "Create `topic` if the broker does not have it; True if this call created it."
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({'bootstrap.servers': settings.kafka_bootstrap, 'log_level': 4})
+    if topic in admin.list_topics(timeout=timeout).topics: return False
+    try: admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)], request_timeout=timeout)[topic].result(timeout)
+    except Exception as e:
+        if 'TOPIC_ALREADY_EXISTS' not in str(e): raise
+        return False
+    return True
+
+@patch
+def _announce(self: LabelSink):
+    "Create the labels dead-letter topic if needed; say which sources are trusted (loudly, when any label is)."
+    if ensure_topic(self.s, self.s.topic_labels_dlq): log.info('created the labels dead-letter topic %s', self.s.topic_labels_dlq)
+    if self.secrets: log.info('accepting only labels signed by: %s', ', '.join(sorted(self.secrets)))
+    else: log.warning('FRAUD_NB_LABEL_SECRETS is not set: ACCEPTING UNSIGNED LABELS from anyone who can write to %s '
+                      '(set source:secret,... to accept only signed labels)', self.s.topic_labels)
+
+# %% ../nbs/14_labels.ipynb #6cb91e2f
 @patch
 def run(self: LabelSink) -> dict:
     "Consume until stopped (or `stop_after` messages); return the counts."
@@ -126,6 +142,7 @@ def run(self: LabelSink) -> dict:
     consumer = Consumer({'bootstrap.servers': self.s.kafka_bootstrap, 'group.id': self.s.labels_group, 'enable.auto.commit': False,
                          'auto.offset.reset': 'earliest', 'session.timeout.ms': 6000, 'fetch.wait.max.ms': 100, 'log_level': 4})
     producer = make_producer(self.s)
+    self._announce()
     consumer.subscribe([self.s.topic_labels])
     log.info('label sink consuming %s in group %s', self.s.topic_labels, self.s.labels_group)
     last_log = time.monotonic()

@@ -17,10 +17,11 @@ from fastcore.basics import patch
 from .config import Settings, get_settings, require, command_parser, run_command
 from .contracts import decode_transactions, dead_letter_headers, encode_alert, iso_utc
 from .pg import pg_connect, Backoff, WriteAbandoned, CopyRows, copy_rows
-from .scorer_db import STATS_SQL, WriteResult, BatchWriter, Stats, histogram_percentiles, peak_rss_bytes
+from .scorer_db import WriteResult, BatchWriter, Stats, StatsWriter, histogram_percentiles, peak_rss_bytes
 from .reload import ModelSource, ModelWatcher
 from .reload import signal_champion_changed   # its old home: `from fraud_nb.scorer import signal_champion_changed` still works
-from .stream import make_producer
+from .stream import make_producer, publish, kafka_time_us, commit_offsets
+from .raw_path import RawPath, serves_raw
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,14 @@ class Scorer:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix='db-writer')
         self._alert_pool = ThreadPoolExecutor(1, thread_name_prefix='alerts')
         self._inflight: deque[tuple[Prepared, Future, Future | None]] = deque()   # at most two batches, oldest first
-        self.consumer = self.producer = self._stats_conn = None
+        self.consumer = self.producer = None
+        self._stats_writer = StatsWriter(self.s.database_url)
         self._last_consumer_error = 0.0
         self.handled = 0                       # messages whose offsets are committed (or handled, when a commit was refused)
         self.events: dict[str, float] = {'started': time.time()}  # wall-clock milestones, in the run report
         self.assignment: list = []
         self._latest: dict = {}                # newest offsets handed to asynchronous commits, committed synchronously at the end
-        self.raw = None                        # a `scorer_db.RawPath` while the champion's feature set is raw_events
+        self.raw = None                        # a `raw_path.RawPath` while the champion's feature set is raw_events
 
 # %% ../nbs/13_scorer.ipynb #8cd34d6d
 @patch
@@ -121,33 +123,35 @@ def _log_consumer_errors(self: Scorer, msgs: list):
 
 # %% ../nbs/13_scorer.ipynb #d4e01d7a
 @patch
-def prepare(self: Scorer, msgs: list, model) -> Prepared:
-    "Decode, validate and score a consumed batch; build its COPY payload, alerts and dead letters."
-    if self.raw is not None: return self._prepare_raw(msgs, model)
+def _positions(self: Scorer, msgs: list) -> tuple:
+    "The batch's messages without errors, their partitions and offsets, and the offsets to commit."
     good = [m for m in msgs if m.error() is None]
     if len(good) < len(msgs): self._log_consumer_errors(msgs)
     n_all, topic = len(good), self.s.topic_transactions
     part_all = np.fromiter(map(_Message.partition, good), np.int32, n_all)
     off_all = np.fromiter(map(_Message.offset, good), np.int64, n_all)
-    offsets = {(topic, q): int(off_all[part_all == q].max()) + 1 for q in np.unique(part_all).tolist()}
+    return good, part_all, off_all, {(topic, q): int(off_all[part_all == q].max()) + 1 for q in np.unique(part_all).tolist()}
+
+@patch
+def prepare(self: Scorer, msgs: list, model) -> Prepared:
+    "Decode, validate and score a consumed batch; build its COPY payload, alerts and dead letters."
+    if self.raw is not None: return self._prepare_raw(msgs, model)
+    good, part_all, off_all, offsets = self._positions(msgs)
     d = decode_transactions(list(map(_Message.value, good)))
     records = self._dead_letters(good, d.rejected)
-    if len(d) == 0: return Prepared(n_all, offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
-    now_us = time.time_ns() // 1000
-    ts = np.array(list(map(_Message.timestamp, good)), dtype=np.int64).reshape(n_all, 2)   # (type, ms); type 0: none
-    kts = np.where(ts[:, 0] != 0, ts[:, 1] * 1000, now_us)[d.index]
+    if len(d) == 0: return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
+    kts = kafka_time_us(good)[d.index]
     rows, model_s, alerts = self._score(d, model, part_all[d.index], off_all[d.index], kts)
-    return Prepared(n_all, offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts)
+    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts)
 
 # %% ../nbs/13_scorer.ipynb #3820f1ab
 @patch
 def _follow_kind(self: Scorer, model):
     "Switch between the prefeaturized and the raw-event path when the serving model's feature set changes; returns `model`."
-    raw = getattr(model, 'feature_set', 'prefeaturized') == 'raw_events'
+    raw = serves_raw(model)
     if raw == (self.raw is not None): return model
     self._finish_inflight()
     if self.raw is not None: self.raw.close()
-    from fraud_nb.scorer_db import RawPath
     self.raw = RawPath(self.s.database_url) if raw else None
     log.info('serving a %s model (version %s)', 'raw-event' if raw else 'prefeaturized', getattr(model, 'version', None))
     if raw and self.assignment: self.raw.assigned([p for _, p in self.assignment])
@@ -156,25 +160,14 @@ def _follow_kind(self: Scorer, model):
 # %% ../nbs/13_scorer.ipynb #7553af46
 @patch
 def _prepare_raw(self: Scorer, msgs: list, model) -> Prepared:
-    "A batch of raw events: replays skipped, decoded, the previous batch finished, labels read, scored from the state."
-    from fraud_nb.contracts import decode_raw_events
-    good = [m for m in msgs if m.error() is None]
-    if len(good) < len(msgs): self._log_consumer_errors(msgs)
-    n_all, topic = len(good), self.s.topic_transactions
-    part_all = np.fromiter(map(_Message.partition, good), np.int32, n_all)
-    off_all = np.fromiter(map(_Message.offset, good), np.int64, n_all)
-    offsets = {(topic, q): int(off_all[part_all == q].max()) + 1 for q in np.unique(part_all).tolist()}
-    idx = np.flatnonzero(self.raw.fresh(part_all, off_all))
-    d = decode_raw_events([good[i].value() for i in idx.tolist()])
-    records = self._dead_letters(good, [(int(idx[i]), why) for i, why in d.rejected])
+    "A batch of raw events (`RawPath`): replays skipped, decoded, the previous batch finished, labels read, scored from the state."
+    good, part_all, off_all, offsets = self._positions(msgs)
+    at, d, refused = self.raw.decode(good, part_all, off_all)
+    records = self._dead_letters(good, refused)
     self._finish_inflight()           # the previous batch's card rows join the state after its commit: this batch sees them
-    if len(d) == 0: return Prepared(n_all, offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
-    self.raw.read_labels()
-    at = idx[d.index]
-    ts = np.array([good[i].timestamp() for i in at.tolist()], dtype=np.int64).reshape(len(at), 2)
-    kts = np.where(ts[:, 0] != 0, ts[:, 1] * 1000, time.time_ns() // 1000)
-    rows, model_s, alerts, delta = self.raw.score(d, model, part_all[at], off_all[at], kts, self.id)
-    return Prepared(n_all, offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts, delta)
+    if len(d) == 0: return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
+    kts, rows, model_s, alerts, delta = self.raw.prepare(d, [good[i] for i in at.tolist()], part_all[at], off_all[at], model, self.id)
+    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts, delta)
 
 # %% ../nbs/13_scorer.ipynb #45403e5f
 @patch
@@ -227,63 +220,15 @@ def _alerts(self: Scorer, p: Prepared) -> list:
 
 # %% ../nbs/13_scorer.ipynb #ea53d545
 @patch
-def _send_all(self: Scorer, records: list) -> list:
-    "Produce `records`; wait for the broker to acknowledge them; return the failed ones with their errors."
-    failed = []
-    for topic, key, value, headers in records:
-        def cb(err, msg, rec=(topic, key, value, headers)):
-            if err is not None: failed.append((rec, err))
-        while True:
-            try: self.producer.produce(topic, value, key=key, headers=headers, on_delivery=cb); break
-            except BufferError: self.producer.poll(0.05)
-    waited = 0.0
-    while self.producer.flush(5) > 0:
-        waited += 5
-        log.warning('broker has not acknowledged %d alert/dead-letter message(s) after %.0f s; still trying', len(self.producer), waited)
-        if self._give_up(): raise WriteAbandoned('broker unavailable for alerts/dead letters')
-    return failed
-
-@patch
 def _publish(self: Scorer, records: list):
-    "Produce alerts and dead letters and wait until the broker has every one (re-sending failures)."
-    pending, backoff = records, Backoff(0.2, 5.0)
-    while pending:
-        failed = self._send_all(pending)
-        if failed:
-            log.warning('%d alert/dead-letter deliveries failed (%s); re-sending', len(failed), failed[0][1])
-            if self._give_up(): raise WriteAbandoned('broker refused alerts/dead letters')
-            time.sleep(backoff.next())
-        pending = [r for r, _ in failed]
+    "Produce alerts and dead letters and wait until the broker has every one (`fraud_nb.stream.publish`)."
+    publish(self.producer, records, self._give_up)
 
 # %% ../nbs/13_scorer.ipynb #3167f4a2
-_MOVED = (_KafkaError.REBALANCE_IN_PROGRESS, _KafkaError.ILLEGAL_GENERATION, _KafkaError.UNKNOWN_MEMBER_ID,
-          _KafkaError._NO_OFFSET, _KafkaError._ASSIGNMENT_LOST, _KafkaError.FENCED_INSTANCE_ID)
-
 @patch
 def _commit(self: Scorer, offsets: dict, asynchronous: bool = False) -> bool:
-    "Commit offsets (synchronously with retries, or handed to librdkafka); False if the group took the partitions away."
-    from confluent_kafka import TopicPartition, KafkaException
-    tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-    if asynchronous:
-        try: self.consumer.commit(offsets=tps, asynchronous=True); return True
-        except KafkaException as e:
-            log.info('offsets not committed (%s); a restart or rebalance replays the batch, idempotently', e.args[0]); return False
-    backoff = Backoff(0.1, 2.0)
-    for attempt in range(8):
-        try:
-            bad = [tp for tp in (self.consumer.commit(offsets=tps, asynchronous=False) or []) if tp.error]
-            if not bad: return True
-            raise KafkaException(bad[0].error)
-        except KafkaException as e:
-            err = e.args[0]
-            if (err.code() if hasattr(err, 'code') else None) in _MOVED:
-                log.info('offsets not committed (%s): the partitions moved; their new owner replays the batch, idempotently', err)
-                return False
-            log.warning('offset commit failed (%s); retrying', err)
-            if self._give_up(): return False
-            time.sleep(backoff.next())
-    log.error('offset commit kept failing; the batch will be replayed (idempotently) after a restart or rebalance')
-    return False
+    "Commit offsets (`fraud_nb.stream.commit_offsets`); False if the group took the partitions away or commits kept failing."
+    return commit_offsets(self.consumer, offsets, asynchronous, self._give_up)
 
 # %% ../nbs/13_scorer.ipynb #d0dce530
 @patch
@@ -339,15 +284,7 @@ def lag(self: Scorer) -> int | None:
 def write_stats(self: Scorer) -> dict:
     "Write the interval's `scorer_stats` row (dropped, with a warning, if the database is away) and log it."
     row = self.stats.row(self.id, self.lag(), getattr(self.watcher.current, 'version', None))
-    try:
-        if self._stats_conn is None or self._stats_conn.closed:
-            self._stats_conn = pg_connect(self.s.database_url, autocommit=True, application_name='fraud_nb-scorer')
-        with self._stats_conn.cursor() as cur: cur.execute(STATS_SQL, row)
-    except psycopg2.Error as e:
-        log.warning('could not write scorer_stats (%s); the interval is dropped', str(e).strip()[:200])
-        try: self._stats_conn.close()
-        except Exception: pass
-        self._stats_conn = None
+    self._stats_writer.write(row)
     if row['processed'] or row['dead_letters']:
         log.info('%d scored, %d dead letters, %d flagged in %.1f s; latency p50/p95/p99 %s ms; lag %s; model %s',
                  row['processed'], row['dead_letters'], row['flagged'], row['interval_s'],
@@ -448,7 +385,7 @@ def _close(self: Scorer):
         self.producer = None
     self.writer.close()
     if self.raw is not None: self.raw.close()
-    if self._stats_conn is not None: self._stats_conn.close()
+    self._stats_writer.close()
     self.events['closed'] = time.time()
 
 # %% ../nbs/13_scorer.ipynb #4fde36aa

@@ -17,9 +17,9 @@ from .pg import Backoff, RetryingWriter, CopyRows, COPY_COLUMNS, pg_connect
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL', 'REPLAY_SQL', 'STATS_SQL', 'NEWEST_SQL',
-           'RECENT_SQL', 'LABELS_SINCE_SQL', 'replay_sql', 'WriteResult', 'BatchWriter', 'latency_bins',
-           'histogram_percentiles', 'Stats', 'peak_rss_bytes', 'RawStateStore', 'RawPath']
+__all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL', 'REPLAY_SQL', 'STATS_SQL', 'replay_sql',
+           'WriteResult', 'BatchWriter', 'latency_bins', 'histogram_percentiles', 'Stats', 'StatsWriter',
+           'peak_rss_bytes']
 
 # %% ../nbs/13a_scorer_db.ipynb #f423e07f
 _COLS = ', '.join(COPY_COLUMNS)
@@ -170,6 +170,26 @@ STATS_SQL = """INSERT INTO scorer_stats (scorer_id, interval_s, processed, dead_
                VALUES (%(scorer_id)s, %(interval_s)s, %(processed)s, %(dead_letters)s, %(flagged)s, %(p50_ms)s, %(p95_ms)s,
                        %(p99_ms)s, %(model_ms_per_tx)s, %(lag)s, %(model_version)s)"""
 
+# %% ../nbs/13a_scorer_db.ipynb #a42c04c1
+class StatsWriter:
+    "Writes `scorer_stats` rows; a row the database cannot take is dropped (with a warning)."
+    def __init__(self, database_url: str): self.url, self.conn = database_url, None
+
+    def write(self, row: dict) -> bool:
+        "Insert `row` (a `Stats.row`); False if it was dropped."
+        try:
+            if self.conn is None or self.conn.closed: self.conn = pg_connect(self.url, autocommit=True, application_name='fraud_nb-scorer')
+            with self.conn.cursor() as cur: cur.execute(STATS_SQL, row)
+            return True
+        except psycopg2.Error as e:
+            log.warning('could not write scorer_stats (%s); the interval is dropped', str(e).strip()[:200])
+            self.close(); return False
+
+    def close(self):
+        try: self.conn is not None and self.conn.close()
+        except Exception: pass
+        self.conn = None
+
 # %% ../nbs/13a_scorer_db.ipynb #da763ecc
 def peak_rss_bytes() -> int:
     "Peak resident set of this process: `VmHWM` (not `ru_maxrss`, which on Linux keeps the peak of the process that exec'ed us)."
@@ -178,126 +198,3 @@ def peak_rss_bytes() -> int:
             if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024
     except OSError: pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-# %% ../nbs/13a_scorer_db.ipynb #07902a62
-_US = "(extract(epoch FROM event_time) * 1000000)::bigint"
-NEWEST_SQL = f"SELECT max(kafka_offset), max({_US}) FROM scored_transactions WHERE kafka_partition = %s"
-RECENT_SQL = f"""SELECT card_id, {_US}, amount FROM scored_transactions
-WHERE kafka_partition = %s AND event_time >= to_timestamp(%s / 1e6) AND card_id IS NOT NULL ORDER BY kafka_offset"""
-LABELS_SINCE_SQL = f"""SELECT terminal_id, {_US}, label, seq FROM labels
-WHERE seq > %s AND terminal_id IS NOT NULL AND event_time IS NOT NULL ORDER BY seq"""
-
-class RawStateStore:
-    "Reads what a raw-event scorer's state is rebuilt from: recent scored rows per partition, and new labels."
-    def __init__(self, database_url: str, margin_days: float = 2.0):
-        self.url, self.margin_us, self.conn = database_url, int(margin_days * 86_400e6), None
-
-# %% ../nbs/13a_scorer_db.ipynb #61828353
-@patch
-def _query(self: RawStateStore, sql: str, args: tuple, tries: int = 20) -> list:
-    "Rows of a read, reconnecting and retrying (bounded) when the database is away."
-    backoff = Backoff(0.1, 2.0)
-    for attempt in range(tries):
-        try:
-            if self.conn is None or self.conn.closed: self.conn = pg_connect(self.url, autocommit=True, application_name='fraud_nb-scorer-state')
-            with self.conn.cursor() as cur: cur.execute(sql, args); return cur.fetchall()
-        except psycopg2.Error as e:
-            log.warning('state read failed (%s); retrying', str(e).strip()[:200])
-            try: self.conn.close()
-            except Exception: pass
-            self.conn = None; time.sleep(backoff.next())
-    raise RuntimeError(f'state read kept failing after {tries} attempts')
-
-@patch
-def close(self: RawStateStore):
-    if self.conn is not None: self.conn.close(); self.conn = None
-
-# %% ../nbs/13a_scorer_db.ipynb #efb06a6b
-@patch
-def rebuild(self: RawStateStore, partitions) -> tuple:
-    "The card state of `partitions` rebuilt from their stored rows, and the newest stored offset per partition."
-    import pandas as pd
-    from fraud_nb.features import CardState, W_MAX
-    parts, hw = [], {}
-    for p in partitions:
-        top, newest = self._query(NEWEST_SQL, (int(p),))[0]
-        if top is None: continue
-        hw[int(p)] = int(top)
-        parts += self._query(RECENT_SQL, (int(p), int(newest) - W_MAX // 1000 - self.margin_us))
-    df = pd.DataFrame(parts, columns=['card_id', 'us', 'amount']).astype({'us': np.int64, 'amount': np.float64})
-    eff = df.groupby('card_id', sort=False)['us'].cummax().to_numpy(np.int64) * 1000
-    return CardState.from_rows(df.card_id.tolist(), eff, df.amount.to_numpy(np.float64)), hw
-
-@patch
-def labels_since(self: RawStateStore, seq: int) -> tuple:
-    "Labels with `labels.seq` > `seq`: terminal ids, event times (ns), labels, and the newest seq (or `seq`)."
-    rows = self._query(LABELS_SINCE_SQL, (int(seq),))
-    if not rows: return [], np.zeros(0, np.int64), np.zeros(0, np.int64), seq
-    t, us, y, s = zip(*rows)
-    return list(t), np.array(us, np.int64) * 1000, np.array(y, np.int64), int(s[-1])
-
-# %% ../nbs/13a_scorer_db.ipynb #0b564cc4
-class RawPath:
-    "A scorer's raw-event state and the steps that use it."
-    def __init__(self, database_url: str, delay_days: int | None = None):
-        from fraud_nb.features import RAW_EVENTS, RawEventState
-        self.state = RawEventState(delay_days or RAW_EVENTS.delay_days)
-        self.store = RawStateStore(database_url)
-        self.label_seq, self.hw, self.partitions = 0, {}, []
-
-    def assigned(self, partitions):
-        "Rebuild the card state of `partitions` (the whole assignment: eager rebalancing) from the table."
-        t0 = time.monotonic()
-        self.partitions = sorted(int(p) for p in partitions)
-        self.state.cards, self.hw = self.store.rebuild(self.partitions)
-        log.info('raw-event card state of partitions %s rebuilt in %.2f s: %d cards, %d rows', self.partitions,
-                 time.monotonic() - t0, len(self.state.cards.vocab), self.state.cards.n_rows)
-
-    def revoked(self):
-        "Forget the card state (the partitions' next owner rebuilds it)."
-        from fraud_nb.features import CardState
-        self.state.cards, self.hw, self.partitions = CardState(), {}, []
-
-    def close(self): self.store.close()
-
-# %% ../nbs/13a_scorer_db.ipynb #da0475d5
-@patch
-def read_labels(self: RawPath):
-    "Absorb the labels that arrived since the last read; the newest seq read becomes the batch's `label_seq`."
-    t, ns, y, seq = self.store.labels_since(self.label_seq)
-    if len(t): self.state.add_labels(t, ns, y)
-    self.label_seq = seq
-
-@patch
-def fresh(self: RawPath, part: np.ndarray, off: np.ndarray) -> np.ndarray:
-    "Which messages are beyond the newest stored offset of their partition (the others are replays of stored rows)."
-    if not self.hw: return np.ones(len(part), bool)
-    top = np.full(int(part.max(initial=0)) + 1, -1, np.int64)
-    for q, o in self.hw.items():
-        if q < len(top): top[q] = o
-    return off > top[part]
-
-# %% ../nbs/13a_scorer_db.ipynb #a2269e9c
-@patch
-def score(self: RawPath, d, model, part, off, kts, scorer_id: str):
-    "Features from the state, probabilities, COPY rows (with `label_seq`), alerts, and the card delta."
-    from fraud_nb.pg import copy_rows_raw
-    from fraud_nb.contracts import iso_utc
-    t0 = time.perf_counter()
-    X, delta = self.state.features(d.card_id, d.terminal_id, d.event_us * 1000, d.amount)
-    prob = np.asarray(model.predict_proba_features(X), dtype=np.float64)
-    model_s = time.perf_counter() - t0
-    flagged = prob >= model.threshold
-    idx = np.flatnonzero(flagged)
-    alerts = ([d.tx_id[j] for j in idx.tolist()], prob[idx], d.amount[idx], X[idx], iso_utc()) if len(idx) else None
-    rows = copy_rows_raw(part, off, kts, d.event_us, d.amount, X, prob, flagged, d.tx_id, d.card_id, d.terminal_id, self.label_seq,
-                         threshold=model.threshold, version=model.version, model_ms=model_s * 1000 / len(d), scorer_id=scorer_id)
-    return rows, model_s, alerts, delta
-
-@patch
-def committed(self: RawPath, delta, n_rows: int, inserted: int):
-    "After the batch's database commit: its card rows join the state (or, if some were there already, the state is rebuilt)."
-    if inserted == n_rows: self.state.commit(delta)
-    else:
-        log.warning('%d of %d raw-event rows were already stored: rebuilding the card state from the table', n_rows - inserted, n_rows)
-        self.assigned(self.partitions)

@@ -18,8 +18,8 @@ from .data import LABEL
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LabelScheduler', 'make_producer', 'run_prefix', 'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames',
-           'RawReplayer', 'load_source', 'produce_main']
+__all__ = ['log', 'LabelScheduler', 'make_producer', 'publish', 'commit_offsets', 'kafka_time_us', 'label_encoder', 'run_prefix',
+           'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames', 'RawReplayer', 'load_source', 'produce_main']
 
 # %% ../nbs/11_stream.ipynb #77ca3fde
 class LabelScheduler:
@@ -70,6 +70,84 @@ def make_producer(settings: Settings, **overrides):
             'queue.buffering.max.kbytes': 1_048_576, 'batch.num.messages': 10_000, 'log_level': 4}
     conf.update(overrides)
     return Producer(conf)
+
+# %% ../nbs/11_stream.ipynb #4bd7d4c5
+def _send_all(producer, records: list, give_up, what: str) -> list:
+    "Produce `records`; wait for the broker to acknowledge them; return the failed ones with their errors."
+    from fraud_nb.pg import WriteAbandoned
+    failed = []
+    for topic, key, value, headers in records:
+        def cb(err, msg, rec=(topic, key, value, headers)):
+            if err is not None: failed.append((rec, err))
+        while True:
+            try: producer.produce(topic, value, key=key, headers=headers, on_delivery=cb); break
+            except BufferError: producer.poll(0.05)
+    waited = 0.0
+    while producer.flush(5) > 0:
+        waited += 5
+        log.warning('broker has not acknowledged %d %s message(s) after %.0f s; still trying', len(producer), what, waited)
+        if give_up(): raise WriteAbandoned(f'broker unavailable for {what} messages')
+    return failed
+
+# %% ../nbs/11_stream.ipynb #e10d4c8d
+def publish(producer, records: list, give_up=lambda: False, what: str = 'alert/dead-letter'):
+    "Produce `records` `(topic, key, value, headers)` and wait until the broker has every one (re-sending failures)."
+    from fraud_nb.pg import Backoff, WriteAbandoned
+    pending, backoff = records, Backoff(0.2, 5.0)
+    while pending:
+        failed = _send_all(producer, pending, give_up, what)
+        if failed:
+            log.warning('%d %s deliveries failed (%s); re-sending', len(failed), what, failed[0][1])
+            if give_up(): raise WriteAbandoned(f'broker refused {what} messages')
+            time.sleep(backoff.next())
+        pending = [r for r, _ in failed]
+
+# %% ../nbs/11_stream.ipynb #bd37216d
+def _moved_codes():
+    from confluent_kafka import KafkaError as E
+    return (E.REBALANCE_IN_PROGRESS, E.ILLEGAL_GENERATION, E.UNKNOWN_MEMBER_ID, E._NO_OFFSET, E._ASSIGNMENT_LOST, E.FENCED_INSTANCE_ID)
+
+def commit_offsets(consumer, offsets: dict, asynchronous: bool = False, give_up=lambda: False) -> bool:
+    "Commit `offsets` {(topic, partition): next offset}; False if the group took the partitions away or commits kept failing."
+    from confluent_kafka import TopicPartition, KafkaException
+    from fraud_nb.pg import Backoff
+    tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+    if asynchronous:
+        try: consumer.commit(offsets=tps, asynchronous=True); return True
+        except KafkaException as e:
+            log.info('offsets not committed (%s); a restart or rebalance replays the batch, idempotently', e.args[0]); return False
+    backoff = Backoff(0.1, 2.0)
+    for attempt in range(8):
+        try:
+            bad = [tp for tp in (consumer.commit(offsets=tps, asynchronous=False) or []) if tp.error]
+            if not bad: return True
+            raise KafkaException(bad[0].error)
+        except KafkaException as e:
+            err = e.args[0]
+            if (err.code() if hasattr(err, 'code') else None) in _moved_codes():
+                log.info('offsets not committed (%s): the partitions moved; their new owner replays the batch, idempotently', err)
+                return False
+            log.warning('offset commit failed (%s); retrying', err)
+            if give_up(): return False
+            time.sleep(backoff.next())
+    log.error('offset commit kept failing; the batch will be replayed (idempotently) after a restart or rebalance')
+    return False
+
+# %% ../nbs/11_stream.ipynb #55dd5409
+def kafka_time_us(msgs: list, now_us: int | None = None) -> np.ndarray:
+    "The messages' Kafka timestamps in µs since the epoch (`now_us`, default now, for a message without one)."
+    ts = np.array([m.timestamp() for m in msgs], dtype=np.int64).reshape(len(msgs), 2)   # (type, ms); type 0: none
+    return np.where(ts[:, 0] != 0, ts[:, 1] * 1000, time.time_ns() // 1000 if now_us is None else now_us)
+
+# %% ../nbs/11_stream.ipynb #be6b8f5d
+def label_encoder(settings: Settings, source: str = 'producer'):
+    "`encode_label` for labels from `source`: signed with its secret from `settings.label_secrets` when there is one."
+    from functools import partial
+    from fraud_nb.contracts import parse_label_secrets, sign_label
+    secrets = parse_label_secrets(settings.label_secrets)
+    if source in secrets: return partial(sign_label, source=source, secret=secrets[source])
+    if secrets: log.warning('FRAUD_NB_LABEL_SECRETS has no secret for source %r: its labels go unsigned (a label sink with secrets refuses them)', source)
+    return partial(encode_label, source=source)
 
 # %% ../nbs/11_stream.ipynb #db2ed4fe
 def run_prefix() -> str:
@@ -145,8 +223,9 @@ def _produce(self: Replayer, topic, key: str, value: bytes, cb):
 @patch
 def _send_labels(self: Replayer, items):
     now = iso_utc()
+    if getattr(self, '_encode_label', None) is None: self._encode_label = label_encoder(self.s)
     for t, y, *e in items:
-        self._produce(self.s.topic_labels, t, encode_label(t, y, now, **dict(zip(('terminal_id', 'event_time'), e))), self._on_label)
+        self._produce(self.s.topic_labels, t, self._encode_label(t, y, now, **dict(zip(('terminal_id', 'event_time'), e))), self._on_label)
     self.summary.labels_sent += len(items)
 
 # %% ../nbs/11_stream.ipynb #4fa12c44
