@@ -264,3 +264,10 @@ def test_a_page_that_stays_open_ends_and_frees_its_slot(settings):
     assert ended is not None and lifetime - 5 < ended < lifetime + 10, ended
     assert closed is not None and ended < closed < lifetime + 30, closed
     assert not alive
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forged label (issue 17 items 4-5): with FRAUD_NB_LABEL_SECRETS set, a forged, an unsigned and an unknown-source label
+# land in the labels dead-letter topic with their reasons and not in `labels`; the probe lives in test_label_provenance.
+
+from test_label_provenance import test_refused_labels_go_to_the_labels_dlq as test_forged_label_probe  # noqa: E402,F401

@@ -59,6 +59,6 @@ def test_label_sink_cli_upserts_and_dead_letters(settings):
     assert r.returncode == 0, r.stdout + r.stderr
     (n, pos, l3), = query(settings, "SELECT count(*), sum(label), (SELECT label FROM labels WHERE tx_id = 'l-3') FROM labels")
     assert (n, pos, l3) == (500, 51, 1)
-    dead = [read_dead_letter(m) for m in read_topic(settings, settings.topic_dlq, 1)]
+    dead = [read_dead_letter(m) for m in read_topic(settings, settings.topic_labels_dlq, 1)]   # refused labels: the labels DLQ
     assert len(dead) == 1 and dead[0]['key'] == b'l-bad' and 'label must be 0 or 1' in dead[0]['reason']
     assert dead[0]['topic'] == settings.topic_labels
