@@ -1,0 +1,168 @@
+"""Operating the embedded stack (issue 18): restarts reconnect, `status` tells the truth, `up` vouches only for its own.
+
+One throwaway stack of its own (the session's stack is not killed): a raw-event champion, the scorer, the label
+sink and the producer streaming simulated events; then the broker and PostgreSQL are killed in turn.
+"""
+import http.server, json, os, subprocess, threading, time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fraud_nb.config import UserError, get_settings
+from fraud_nb.stack import Stack, dashboard_problem, find_process, port_owner
+from conftest import fraud_nb_cmd
+from scorer_helpers import train_raw_champion, wait_for
+
+
+def _env(state: Path, home: Path) -> dict:
+    return {**os.environ, 'HOME': str(home), 'FRAUD_NB_STATE_DIR': str(state), 'FRAUD_NB_STATS_INTERVAL_S': '1',
+            'FRAUD_NB_PRODUCE_RATE': '100', 'FRAUD_NB_LABEL_DELAY_S': '2', 'FRAUD_NB_DATA_PATH': str(state.parent/'no-dataset.csv')}
+
+
+def _cli(env, *args, cwd=None, timeout=180):
+    return subprocess.run(fraud_nb_cmd(*args), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _scored(stack) -> int:
+    from fraud_nb.stack import _query
+    return _query(stack.service_settings(), 'SELECT count(*) FROM scored_transactions')[0][0]
+
+
+def _healthy(env) -> bool:
+    r = _cli(env, 'status', '--json', timeout=60)
+    return r.returncode == 0
+
+
+def _resumes(stack, env, what: str):
+    "After `up`: rows keep arriving within seconds and `status` turns healthy."
+    t0 = time.monotonic()
+    wait_for(lambda: _scored_ok(stack), 60, f'scoring after the {what} restart')
+    n = _scored(stack)
+    wait_for(lambda: _scored_ok(stack) and _scored(stack) > n + 100, 60, f'rows arriving after the {what} restart')
+    resumed_s = time.monotonic() - t0
+    wait_for(lambda: _healthy(env), 90, f'status healthy after the {what} restart', interval=1)
+    return resumed_s
+
+
+def _scored_ok(stack):
+    try: return _scored(stack) >= 0
+    except Exception: return False
+
+
+@pytest.fixture(scope='module')
+def stream(tmp_path_factory):
+    "A stack of its own with a champion, the scorer, the label sink and the producer streaming."
+    root = tmp_path_factory.mktemp('ops')
+    state, home = root/'state', root/'home'
+    env = _env(state, home)
+    old = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith('FRAUD_NB_') or k == 'HOME'})
+    try:
+        r = _cli(env, 'up', '--core'); assert r.returncode == 0, r.stdout + r.stderr
+        s = get_settings()
+        train_raw_champion(s)
+        stack = Stack(s)
+        stack.up(apps=['scorer', 'label-sink', 'producer'], say=print)
+        yield stack, env, root
+    finally:
+        _cli(env, 'down')
+        os.environ.clear(); os.environ.update(old)
+
+
+def test_broker_restart_keeps_its_address_and_scoring_resumes(stream):
+    stack, env, _ = stream
+    wait_for(lambda: _scored(stack) > 200, 90, 'first rows scored')
+    wait_for(lambda: _healthy(env), 60, 'status healthy under the stream', interval=1)
+    before = stack.read_state()
+    kafka = psutil.Process(before['services']['kafka']['pid']); kafka.kill(); kafka.wait(5)
+    r = _cli(env, 'status')
+    assert r.returncode == 1 and 'UNHEALTHY' in r.stdout, r.stdout
+    r = _cli(env, 'up', '--core'); assert r.returncode == 0, r.stdout + r.stderr
+    after = stack.read_state()
+    assert after['kafka_bootstrap'] == before['kafka_bootstrap'] and after['services']['kafka']['pid'] != kafka.pid
+    assert 'restarted EMPTY' in r.stdout and 'scorer: restarted against the new broker' in r.stdout, r.stdout
+    resumed_s = _resumes(stack, env, 'broker')
+    print(f'broker restart: scoring resumed after {resumed_s:.1f} s')
+
+
+def test_postgres_restart_and_scoring_resumes(stream):
+    stack, env, _ = stream
+    wait_for(lambda: _healthy(env), 90, 'status healthy under the stream', interval=1)
+    pg = psutil.Process(stack.read_state()['services']['postgres']['pid']); pg.kill(); pg.wait(5)
+    r = _cli(env, 'status')
+    assert r.returncode == 1 and 'dead' in r.stdout, r.stdout
+    r = _cli(env, 'up', '--core'); assert r.returncode == 0, r.stdout + r.stderr
+    assert 'postgres: recorded process' in r.stdout, r.stdout
+    resumed_s = _resumes(stack, env, 'postgres')
+    print(f'postgres restart: scoring resumed after {resumed_s:.1f} s')
+
+
+def test_a_stuck_scorer_is_unhealthy(stream):
+    "SIGSTOP the scorer: the process lives, but its heartbeat stops and status says so."
+    stack, env, _ = stream
+    wait_for(lambda: _healthy(env), 90, 'status healthy', interval=1)
+    scorer = psutil.Process(stack.read_state()['services']['scorer']['pid'])
+    scorer.suspend()
+    try:
+        wait_for(lambda: not _healthy(env), 30, 'status noticing the stopped scorer', interval=1)
+        r = _cli(env, 'status')
+        assert 'scorer' in r.stdout and 'no heartbeat' in r.stdout, r.stdout
+    finally: scorer.resume()
+    wait_for(lambda: _healthy(env), 60, 'status healthy again', interval=1)
+
+
+def test_up_from_another_directory_points_at_the_running_stack(stream, tmp_path):
+    stack, env, root = stream
+    other = {k: v for k, v in env.items() if k != 'FRAUD_NB_STATE_DIR'}
+    r = _cli(other, 'up', '--core', cwd=tmp_path)
+    assert r.returncode == 2 and str(stack.dir) in r.stderr and 'already runs' in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path/'.fraud_nb'/'stack.json').exists()
+
+
+def test_dashboard_port_taken_by_another_server(stream, tmp_path):
+    "Another server on the dashboard port: `up` refuses, and a health check never vouches for it."
+    stack, env, _ = stream
+    srv = http.server.HTTPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        from dataclasses import replace
+        s = replace(stack.service_settings(), dashboard_port=port)
+        with pytest.raises(UserError, match=f'port 127.0.0.1:{port} is taken by pid {os.getpid()}'):
+            Stack(s).up(apps=['dashboard'], say=print)
+        assert port_owner(port).pid == os.getpid()
+        bystander = subprocess.Popen(['sleep', '30'])
+        try: assert 'not by our dashboard' in dashboard_problem(s, psutil.Process(bystander.pid))
+        finally: bystander.kill(); bystander.wait()
+    finally: srv.shutdown()
+
+
+@pytest.mark.parametrize('url,needle', [('not a url', 'not a PostgreSQL URL'),
+                                        ('postgresql+psycopg2://u:p@127.0.0.1:1/x', 'the database does not answer')])
+def test_up_refuses_a_bad_database_url_in_one_line(tmp_path, url, needle):
+    env = {**_env(tmp_path/'state', tmp_path/'home'), 'FRAUD_NB_DATABASE_URL': url}
+    r = _cli(env, 'up', '--core', timeout=60)
+    assert r.returncode == 2 and needle in r.stderr and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path/'state'/'pg').exists()
+
+
+def test_up_uses_an_external_database(stream, tmp_path):
+    "FRAUD_NB_DATABASE_URL set and reachable: `up` uses it and starts no PostgreSQL of its own."
+    stack, _, _ = stream
+    env = {**_env(tmp_path/'state', tmp_path/'home'), 'FRAUD_NB_DATABASE_URL': stack.service_settings().database_url}
+    try:
+        r = _cli(env, 'up', '--core'); assert r.returncode == 0, r.stdout + r.stderr
+        assert 'postgres: using FRAUD_NB_DATABASE_URL' in r.stdout and not (tmp_path/'state'/'pg').exists(), r.stdout
+        r = _cli(env, 'status'); assert r.returncode == 0 and 'external' in r.stdout, r.stdout + r.stderr
+    finally: _cli(env, 'down')
+    assert find_process(stack.read_state()['services']['postgres'])   # the database it borrowed still runs
+
+
+def test_down_drains_and_says_what_the_memory_broker_loses(stream):
+    "Last: `down` stops the producer first, waits for the scorer, and says the broker keeps topics in memory."
+    stack, env, _ = stream
+    r = _cli(env, 'down')
+    assert r.returncode == 0, r.stderr
+    assert 'in memory only' in r.stdout and 'producer: stopped first' in r.stdout, r.stdout
+    assert 'scorer: caught up' in r.stdout or 'left unconsumed' in r.stdout, r.stdout
