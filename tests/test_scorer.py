@@ -145,4 +145,4 @@ def test_bench_reports_every_figure():
     assert len(c['runs_wall']) == 2 and c['wall_rate'] == min(c['runs_wall'])   # of two runs, the median rule takes the lower
     assert 0 < d['p50_ms'] <= d['p95_ms'] <= d['p99_ms'] and d['messages'] > 0 and d['peak_rss_mb'] > 50
     assert set(res['ratios']) == {'c_over_a_steady', 'c_over_a_wall', 'c_over_b'}
-    assert len(res['targets']) == 3 and all(isinstance(v, bool) for v in res['targets'].values())
+    assert len(res['targets']) == (5 if res.get('raw_events') else 3) and all(isinstance(v, bool) for v in res['targets'].values())   # + the raw-event pair
