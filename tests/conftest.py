@@ -48,7 +48,7 @@ def settings(stack, tmp_path):
     db.migrate(eng); eng.dispose()
     s = replace(base, database_url=url,
                 topic_transactions=f'tx-{tag}', topic_labels=f'labels-{tag}', topic_alerts=f'alerts-{tag}',
-                topic_dlq=f'tx-{tag}.dlq', scorer_group=f'scorer-{tag}', labels_group=f'labels-{tag}',
+                topic_dlq=f'tx-{tag}.dlq', topic_labels_dlq=f'labels-{tag}.dlq', scorer_group=f'scorer-{tag}', labels_group=f'labels-{tag}',
                 model_name=f'fraud-xgb-{tag}', experiment=f'exp-{tag}',
                 reports_dir=tmp_path/'reports', data_path=tmp_path/'no-dataset.csv', mlflow_artifact_root=(tmp_path/'mlartifacts').as_uri())
     ensure_topics(s)

@@ -520,7 +520,7 @@ def test_kafka_init_creates_the_topics_of_the_settings(resolved):
     script = ' '.join(as_list(init.get('entrypoint')) + as_list(init.get('command')))
     d = Settings()
     words = set(re.findall(r'[A-Za-z0-9._-]+', script))
-    for topic in (d.topic_transactions, d.topic_labels, d.topic_alerts, d.topic_dlq):
+    for topic in (d.topic_transactions, d.topic_labels, d.topic_alerts, d.topic_dlq, d.topic_labels_dlq):
         assert topic in words, f'kafka-init does not create {topic}'
     # the scorers are told the partition count that kafka-init creates
     assert init['environment']['PARTITIONS'] == resolved['services']['scorer']['environment']['FRAUD_NB_PARTITIONS']

@@ -88,7 +88,7 @@ def test_hidden_cells_stay_hidden(site):
 def test_guide_pages_exist(site):
     for g in GUIDE: assert (site/f'{g}.html').exists(), g
     c = text(site/'contracts.html')
-    for topic in ('transactions', 'labels', 'fraud-alerts', 'transactions.dlq'): assert topic in c
+    for topic in ('transactions', 'labels', 'fraud-alerts', 'transactions.dlq', 'labels.dlq'): assert topic in c
     assert 'ON CONFLICT (tx_id) DO NOTHING' in text(site/'delivery.html')
     assert 'REFUSED model version' in text(site/'change-the-model.html')
 
