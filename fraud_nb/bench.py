@@ -252,7 +252,7 @@ def summarize(res: dict) -> dict:
     a, b, c, d = res['a_raw_consume'], res['b_per_message'], res['c_scorer'], res['d_latency']
     res['ratios'] = {'c_over_a_steady': c['steady_rate'] / a['steady_rate'], 'c_over_a_wall': c['wall_rate'] / a['wall_rate'],
                      'c_over_b': c['steady_rate'] / b['steady_rate']}
-    res['targets'] = {'c_over_a >= 0.5 (wall, from subscribe: the DESIGN\'s raw-consume measure)': res['ratios']['c_over_a_wall'] >= TARGETS['c_over_a'],
+    res['targets'] = {'c_over_a >= 0.5 (wall, from subscribe, like the raw consume)': res['ratios']['c_over_a_wall'] >= TARGETS['c_over_a'],
                       'c_over_b >= 30': res['ratios']['c_over_b'] >= TARGETS['c_over_b'],
                       'p99 <= 100 ms': d['p99_ms'] is not None and d['p99_ms'] <= TARGETS['p99_ms']}
     res['peak_rss_mb'] = max(c['peak_rss_mb'], d['peak_rss_mb'])
