@@ -151,7 +151,7 @@ def _on_mismatch(settings, why: str, demo: bool):
 
 def _stop_service(stack, name: str):
     "Stop one app service of `stack` (`up` starts it again with its current command line)."
-    from fraud_nb.stack import find_process, stop_process
+    from fraud_nb.procs import find_process, stop_process
     with stack._locked():
         state = stack.read_state()
         if (p := find_process(state['services'].pop(name, None))) is not None: stop_process(p)

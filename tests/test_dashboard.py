@@ -20,7 +20,7 @@ from fraud_nb.dashboard_data import DataSource
 from fraud_nb.dashboard_queries import LabelTotals, RollupTotals
 from fraud_nb.dashboard_view import render_tiles
 from fraud_nb.registry import CHAMPION
-from fraud_nb.stack import free_port, wait_until
+from fraud_nb.procs import free_port, wait_until
 from conftest import fraud_nb_cmd, service_env
 
 # ---------------------------------------------------------------------------------------------------

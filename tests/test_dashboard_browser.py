@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from fraud_nb import db
 from conftest import ARTIFACTS, fraud_nb_cmd, service_env
-from fraud_nb.stack import wait_until
+from fraud_nb.procs import wait_until
 from test_dashboard import start_dashboard, stop_dashboard, _kernels
 
 CHROMIUM = '/usr/bin/chromium'

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import fraud_nb_cmd
-from fraud_nb.stack import free_port, wait_until
+from fraud_nb.procs import free_port, wait_until
 from fraud_nb.config import get_settings, read_stack_file
 from fraud_nb.simulator import simulate, write_events
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fraud_nb.stack import free_port
+from fraud_nb.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = '/usr/bin/chromium'

@@ -10,7 +10,9 @@ import psutil
 import pytest
 
 from fraud_nb.config import UserError, get_settings
-from fraud_nb.stack import Stack, dashboard_problem, find_process, port_owner
+from fraud_nb.stack import Stack
+from fraud_nb.procs import find_process, port_owner
+from fraud_nb.health import dashboard_problem
 from conftest import fraud_nb_cmd
 from scorer_helpers import train_raw_champion, wait_for
 
@@ -25,7 +27,7 @@ def _cli(env, *args, cwd=None, timeout=180):
 
 
 def _scored(stack) -> int:
-    from fraud_nb.stack import _query
+    from fraud_nb.health import _query
     return _query(stack.service_settings(), 'SELECT count(*) FROM scored_transactions')[0][0]
 
 

@@ -62,7 +62,9 @@ def test_broker_outage_mid_stream(settings, tmp_path):
     """The scorer's broker (a dedicated Tansu) freezes for 10 s mid-stream (SIGSTOP: no fetch, no commit, no alert is
     answered, and the group session expires meanwhile), then comes back: nothing lost, nothing doubled, the scorer never exits.
     Tansu keeps its topics in memory, so a stopped process would lose them; a frozen one is the outage that keeps the data."""
-    from fraud_nb.stack import spawn, tansu_binary, free_port, kafka_healthy, stop_process, ensure_topics
+    from fraud_nb.stack import tansu_binary, ensure_topics
+    from fraud_nb.procs import spawn, free_port, stop_process
+    from fraud_nb.health import kafka_healthy
     port = free_port()
     url = f'tcp://127.0.0.1:{port}'
     broker = spawn([str(tansu_binary()), 'broker', '--listener-url', url, '--advertised-listener-url', url,

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from fraud_nb.dashboard import MAX_SEND_BUFFER, MAX_SOCKETS, V1
-from fraud_nb.stack import wait_until
+from fraud_nb.procs import wait_until
 from test_dashboard import ScorerSim, _get, _kernels, start_dashboard, stop_dashboard
 
 # ---------------------------------------------------------------------------------------------------

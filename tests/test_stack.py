@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from confluent_kafka import Consumer, Producer
 
 from fraud_nb.config import ConfigError, get_settings, env_vars
-from fraud_nb.stack import find_process
+from fraud_nb.procs import find_process
 from conftest import fraud_nb_cmd
 
 
