@@ -156,12 +156,14 @@ _URL_PASSWORD = re.compile(r'(://[^:/@\s"\'?#]+:)[^@\s"\'/]+@')
 SECRET_ENV = ('MLFLOW_TRACKING_PASSWORD', 'MLFLOW_TRACKING_TOKEN', 'POSTGRES_PASSWORD', 'PGPASSWORD')
 
 def secrets_of(settings: Settings, env: dict | None = None) -> list[str]:
-    "Credential values a run may meet: passwords of the settings' URLs (raw and decoded) and known secret variables."
+    "Credential values a run may meet: passwords of the settings' URLs (raw and decoded), label secrets and known secret variables."
     env = os.environ if env is None else env
     found = set()
     for v in to_env(settings).values():
         for m in re.finditer(r'://[^:/@\s]+:([^@\s/]+)@', v): found |= {m.group(1), unquote(m.group(1))}
     found |= {env[k] for k in SECRET_ENV if env.get(k)}
+    from fraud_nb.contracts import parse_label_secrets  # the label sources' HMAC keys are secrets too
+    found |= {k.decode() for k in parse_label_secrets(settings.label_secrets).values()}
     return sorted((s for s in found if len(s) >= 4), key=lambda s: (-len(s), s))
 
 def redact(text: str, secrets: list[str] = ()) -> str:
@@ -197,8 +199,10 @@ def retrain_threads(settings: Settings) -> int: return int(getattr(settings, 're
 def retrain_nice(settings: Settings) -> int: return int(getattr(settings, 'retrain_nice', 10))
 
 def kernel_env(settings: Settings, base: dict | None = None) -> dict[str, str]:
-    "The kernel's environment: `base` (default this process's), the run's settings as `FRAUD_NB_*`, bounded thread pools."
-    return {**(os.environ if base is None else base), **to_env(settings), **{v: str(retrain_threads(settings)) for v in THREAD_VARS}}
+    "The kernel's environment: `base` (default this process's), the run's settings as `FRAUD_NB_*` (not the label secrets), bounded thread pools."
+    env = {**(os.environ if base is None else base), **to_env(settings), **{v: str(retrain_threads(settings)) for v in THREAD_VARS}}
+    env.pop(Settings.env_var('label_secrets'), None)  # retraining reads labels from the database; it signs nothing
+    return env
 
 # %% ../nbs/15_retrain.ipynb #ef20e460
 def kernel_manager(env: dict, nice: int) -> type:

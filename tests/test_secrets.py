@@ -92,3 +92,14 @@ def test_the_retrain_command_does_not_print_the_password(settings, tmp_path):
     p = subprocess.run(fraud_nb_cmd('retrain', '--now'), env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and (p.stdout + p.stderr).strip()
     assert PASSWORD not in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+def test_label_secrets_are_redacted_and_kept_from_the_kernel():
+    "The label sources' HMAC keys count as secrets: masked in anything a run writes, and not handed to its kernel."
+    from fraud_nb.config import get_settings
+    from fraud_nb.retrain import secrets_of, kernel_env, redact
+    key = 'producer-key-0123456789'
+    s = get_settings({'FRAUD_NB_LABEL_SECRETS': f'producer:{key}'})
+    assert key in secrets_of(s, env={})
+    assert key not in redact(f'labels signed with {key}', secrets_of(s, env={}))
+    assert 'FRAUD_NB_LABEL_SECRETS' not in kernel_env(s, base={})
