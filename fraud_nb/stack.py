@@ -37,7 +37,7 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[str]:
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({'bootstrap.servers': settings.kafka_bootstrap})
     wanted = {settings.topic_transactions: settings.partitions, settings.topic_labels: 2,
-              settings.topic_alerts: 1, settings.topic_dlq: 1}
+              settings.topic_alerts: 1, settings.topic_dlq: 1, settings.topic_labels_dlq: 1}
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in wanted.items() if t not in existing]
     if not new: return []
