@@ -42,35 +42,67 @@ def _check_parity(settings, h: pd.DataFrame, prefix: str):
     pd.testing.assert_frame_equal(key(rebuilt), key(one))
 
 
+class _Gated:
+    "The history as one frame per day of event time; day i (i > 0) is handed to the replayer only once `gates[i]` is set."
+    def __init__(self, h: pd.DataFrame):
+        df = next(raw_passes(h))
+        day = ((df.event_time - df.event_time.iloc[0]) // pd.Timedelta(days=1)).to_numpy()
+        self.chunks = [df[day == d] for d in np.unique(day)]
+        self.gates, self.waiting = [threading.Event() for _ in self.chunks], [threading.Event() for _ in self.chunks]
+    def before(self, i: int) -> int: return sum(len(c) for c in self.chunks[:i])
+    def __iter__(self):
+        for i, c in enumerate(self.chunks):
+            if i:
+                self.waiting[i].set()
+                if not self.gates[i].wait(300): return   # bounded: the delivery assert below says what is missing
+            yield c
+
+
 def test_raw_event_parity_one_then_two_replicas_with_sigkill(settings, tmp_path):
+    """16 days streamed one day at a time, each day released once the previous ones are scored and the labels sent so far
+    stored (so the label_seq moves during the run, whatever the machine's load): days 0-7 on one replica, then two
+    replicas; one is SIGKILLed while a day streams, restarted, and the rest is released only once it owns its partitions."""
     assert settings.partitions == 4
     train_raw_champion(settings)
     h = simulate(days=16, customers=2_000, terminals=3_000, seed=5)
-    cut = int((h.event_time < h.event_time.iloc[0] + pd.Timedelta(days=8)).sum())  # h is in event-time order
+    g = _Gated(h)
+    half, kill = len(g.chunks) // 2, len(g.chunks) // 2 + 1
     labels = start_labels(settings, tmp_path/'labels.log')
     logs = [tmp_path/f'scorer-{i}.log' for i in range(4)]
-    procs = []
+    procs, rp = [], RawReplayer(settings, g, rate=2_500, prefix='p')
+    n_labels = lambda: query(settings, 'SELECT count(*) FROM labels')[0][0]
+
+    def settle(i: int, log):
+        "Wait until the replayer waits before day i, days < i are scored and the labels sent so far are stored."
+        wait_for(g.waiting[i].is_set, 120, f'the replayer to reach day {i}')
+        wait_for(lambda: scored_count(settings) >= g.before(i), 180, f'days < {i} scored\n' + tail(log))
+        sent = rp.summary.labels_sent
+        wait_for(lambda: n_labels() >= sent, 60, f'{sent:,} labels stored\n' + tail(tmp_path/'labels.log'))
+    t = threading.Thread(target=rp.run, daemon=True)
     try:
         # one replica: the first 8 days
         procs.append(start_scorer(settings, logs[0], '--id', 'one')); wait_consuming(logs[0], 4)
-        s1 = RawReplayer(settings, raw_passes(h.iloc[:cut]), rate=20_000, prefix='p').run()
-        assert s1.delivered == cut and s1.failed == 0, s1.line()
-        wait_for(lambda: scored_count(settings) >= cut, 120, f'{cut:,} rows\n' + tail(logs[0]))
+        t.start()
+        for i in range(1, half): settle(i, logs[0]); g.gates[i].set()
+        settle(half, logs[0])
         assert stop(procs.pop()) == 0, tail(logs[0])
-        # two replicas on four partitions, one SIGKILLed mid-stream and restarted: the other 8 days
+        # two replicas on four partitions, one SIGKILLed while a day streams and restarted: the other 8 days
         procs += [start_scorer(settings, logs[1], '--id', 'a'), start_scorer(settings, logs[2], '--id', 'b')]
         for l in logs[1:3]: wait_consuming(l, 2)
-        rest = RawReplayer(settings, raw_passes(h.iloc[cut:]), rate=2_500, prefix='p')   # long enough for the restarted replica to take part
-        t = threading.Thread(target=rest.run, daemon=True); t.start()
-        wait_for(lambda: scored_count(settings) >= cut + (len(h) - cut) // 3, 120, 'a third of the second stream\n' + tail(logs[2]))
+        g.gates[half].set()
+        settle(kill, logs[2]); g.gates[kill].set()
+        wait_for(lambda: scored_count(settings) >= g.before(kill) + len(g.chunks[kill]) // 3, 120, 'a third of the day\n' + tail(logs[2]))
         procs[1].send_signal(signal.SIGKILL); procs[1].wait(10)
         procs[1] = start_scorer(settings, logs[3], '--id', 'b2')
-        wait_consuming(logs[3], 2, timeout=60)
-        t.join(120)
-        assert rest.summary.delivered == len(h) - cut and rest.summary.failed == 0, rest.summary.line()
+        wait_consuming(logs[3], 2, timeout=120)        # the rest streams only once the restarted replica owns two partitions
+        for i in range(kill + 1, len(g.chunks)): settle(i, logs[3]); g.gates[i].set()
+        t.join(180)
+        assert rp.summary.delivered == len(h) and rp.summary.failed == 0, rp.summary.line()
         wait_for(lambda: scored_count(settings) >= len(h), 180, f'all {len(h):,} rows\n' + tail(logs[1]) + tail(logs[3]))
-        wait_for(lambda: query(settings, 'SELECT count(*) FROM labels')[0][0] >= len(h), 60, 'every label stored')
+        wait_for(lambda: n_labels() >= len(h), 60, 'every label stored')
     finally:
+        rp.stop_event.set()
+        for e in g.gates: e.set()
         for p in procs: stop(p)
         stop(labels)
     (n_b2,), = query(settings, "SELECT count(*) FROM scored_transactions WHERE scorer_id = 'b2'")
