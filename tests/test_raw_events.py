@@ -110,6 +110,36 @@ def test_raw_event_parity_one_then_two_replicas_with_sigkill(settings, tmp_path)
     _check_parity(settings, h, 'p')
 
 
+def test_raw_events_scored_after_a_topic_reset(settings, tmp_path):
+    "Rows of an earlier topic lifetime with larger offsets (a broker restarted empty): the new topic's events are scored, not skipped."
+    from fraud_nb.pg import copy_rows_raw
+    from fraud_nb.scorer_db import BatchWriter
+    train_raw_champion(settings)
+    w, n_old = BatchWriter(settings.database_url, 'old'), 50
+    try:
+        for p in range(settings.partitions):
+            us = 1_769_900_000_000_000 + np.arange(n_old, dtype=np.int64) * 60_000_000
+            w.write(copy_rows_raw(np.full(n_old, p), 100_000 + np.arange(n_old), us, us, np.full(n_old, 5.0), np.zeros((n_old, 3)),
+                                  np.zeros(n_old), np.zeros(n_old, bool), [f'old-{p}-{i}' for i in range(n_old)], [f'C{i % 7}' for i in range(n_old)],
+                                  ['T1'] * n_old, 0, threshold=0.5, version='0', model_ms=0.1, scorer_id='old'))
+    finally: w.close()
+    old = scored_count(settings)
+    assert old == n_old * settings.partitions
+    log = tmp_path/'scorer.log'
+    proc = start_scorer(settings, log)
+    try:
+        wait_consuming(log)
+        ev = lambda i: json.dumps({'tx_id': f'new-{i}', 'event_time': '2026-02-01T10:00:00Z', 'card_id': f'C{i % 7}',
+                                   'terminal_id': 'T1', 'amount': 12.5}).encode()
+        send_raw(settings, [ev(i) for i in range(40)], keys=[f'C{i % 7}' for i in range(40)])
+        wait_for(lambda: scored_count(settings) >= old + 40, 60, 'the new topic\'s events scored\n' + tail(log))
+        assert 'the topic was reset' in log.read_text()
+    finally:
+        assert stop(proc) == 0, tail(log)
+    (n_new,), = query(settings, "SELECT count(*) FROM scored_transactions WHERE tx_id LIKE 'new-%'")
+    assert n_new == 40
+
+
 def test_raw_malformed_to_dlq_and_unknown_feature_set_refused(settings, tmp_path):
     v1 = train_raw_champion(settings)
     log = tmp_path/'scorer.log'
