@@ -127,6 +127,8 @@ def test_dashboard_in_a_browser_while_a_stream_is_scored(settings, tmp_path):
             assert tuple(rollup) == (want[0], want[1]), 'the scorer\'s rollup disagrees with its rows'
             # a refresh that started after the drain (the page's time, from the database's clock, is later than the drain's)
             page.wait_for_function(f'() => document.querySelector(\'[data-testid="updated"]\').textContent > "updated {want[6]} UTC"', timeout=30_000)
+            # the label total is counted incrementally: give it the refreshes it needs to converge (bounded)
+            page.wait_for_function(f'() => document.querySelector(\'[data-testid="labeled"]\').dataset.value == "{N}"', timeout=30_000)
             assert int(_value(page, 'total')) == N and int(_value(page, 'labeled')) == N
             assert int(_value(page, 'flagged')) == want[1]
             assert float(_value(page, 'flagged-rate')) == pytest.approx(want[1] / want[0])

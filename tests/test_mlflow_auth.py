@@ -334,7 +334,7 @@ def test_the_services_credentials_work_through_the_mlflow_client(server):
     "What the containers do: MlflowClient with MLFLOW_TRACKING_USERNAME/PASSWORD from compose's environment."
     name = register(server)
     def client(svc, *args):
-        env = {k: v for k, v in os.environ.items() if not k.startswith('MLFLOW_TRACKING')}  # fraud_nb.config turned telemetry off
+        env = {k: v for k, v in os.environ.items() if not k.startswith(('MLFLOW_TRACKING', 'MLFLOW_REGISTRY'))}  # keeps telemetry off; no URI left by another test
         env.update(MLFLOW_TRACKING_USERNAME=server.creds[svc][0], MLFLOW_TRACKING_PASSWORD=server.creds[svc][1],
                    MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
         r = subprocess.run([sys.executable, '-c', CLIENT, server.url, name, *args], env=env, capture_output=True, text=True, timeout=180)
