@@ -33,6 +33,9 @@ COMMANDS: dict[str, str] = {
     'lab':       'fraud_nb.lab:lab_main',
     'simulate':  'fraud_nb.simulator:simulate_main',
     'promote':   'fraud_nb.registry:promote_main',
+    'rollback':  'fraud_nb.history:rollback_main',
+    'monitor':   'fraud_nb.monitor:monitor_main',
+    'analyst':   'fraud_nb.desk:analyst_main',
 }
 
 HELP = {
@@ -46,6 +49,9 @@ HELP = {
     'dashboard': 'serve the Voila dashboard',
     'lab': 'JupyterLab on nbs/, on 127.0.0.1 with a token, wired to the running embedded stack',
     'simulate': 'write a simulated raw-event dataset',
+    'rollback': 'put the previous (or a given) champion back, with a reason',
+    'monitor': 'input drift, live quality per model version and the shadow challenger',
+    'analyst': 'hash an analyst token for FRAUD_NB_ANALYSTS',
     'promote': 'make an existing registered version champion (or another alias)',
 }
 

@@ -76,7 +76,6 @@ class Settings:
     review_capacity: int = _setting(100, 'alerts the analyst team reviews per day (the alert budget)', _positive)
     retrain_nice: int = _setting(10, "CPU niceness of a retraining run (0-19; higher leaves more CPU to the scorers)", _niceness)
     retrain_threads: int = _setting(1, 'threads of a retraining run (XGBoost and BLAS)', _positive)
-    promote_ap_tolerance: float = _setting(0.01, "how much lower a cheaper challenger's average precision may be and still be promoted", _non_negative)
     reports_dir: Path = _setting(Path('reports'), 'where executed retraining notebooks (.ipynb, .html) are written')
     data_path: Path = _setting(Path('data/raw_data/creditcard.csv'), "the user's copy of the creditcard dataset")
     host: str = _setting('127.0.0.1', 'address the dashboard and the MLflow UI listen on')
@@ -89,6 +88,11 @@ class Settings:
     label_secrets: str = _setting('', 'source:secret,... shared secrets of the trusted label sources (HMAC-SHA256 signatures); '
                                   'empty: the label sink accepts unsigned labels, and says so', _secrets, secret=True)
     topic_labels_dlq: str = _setting('labels.dlq', 'dead-letter topic for refused labels (malformed, unsigned, forged, unknown source)', _topic)
+    analysts: str = _setting('', 'name:hash,... of the analysts who may decide alerts and roll models back (hashes from '
+                             '`fraud-nb analyst hash`); empty: nobody can', secret=True)
+    drift_watch: float = _setting(0.1, 'population stability index from which a feature is "watch"', _positive)
+    drift_alarm: float = _setting(0.25, 'population stability index from which a feature is "drifted"', _positive)
+    monitor_window_s: float = _setting(3600.0, 'default window of `fraud-nb monitor` and the dashboard\'s drift panel, in s', _positive)
 
     @classmethod
     def env_var(cls, name: str) -> str: return PREFIX + name.upper()

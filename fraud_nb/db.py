@@ -114,6 +114,62 @@ ALTER TABLE labels ADD COLUMN terminal_id text, ADD COLUMN event_time timestampt
 ALTER TABLE retrain_runs ADD COLUMN evidence jsonb;
 """
 
+# %% ../nbs/07_db.ipynb #62393421
+_DESK = """
+CREATE TABLE decisions (
+    tx_id         text PRIMARY KEY,                  -- one decision per alert: the first analyst's stands
+    label         smallint NOT NULL CHECK (label IN (0, 1)),
+    analyst       text NOT NULL,
+    decided_at    timestamptz NOT NULL DEFAULT now(),
+    note          text CHECK (length(note) <= 1000),
+    model_version text NOT NULL,                     -- what the analyst saw
+    probability   double precision NOT NULL,
+    threshold     double precision NOT NULL,
+    reasons       jsonb,
+    published_at  timestamptz                        -- NULL until the label went to the labels topic
+);
+CREATE INDEX decisions_unpublished ON decisions (decided_at) WHERE published_at IS NULL;
+CREATE INDEX decisions_decided_at ON decisions (decided_at);
+-- the review queue: flagged rows by expected loss
+CREATE INDEX scored_transactions_queue ON scored_transactions ((probability * amount) DESC) WHERE is_fraud;
+"""
+
+# %% ../nbs/07_db.ipynb #8bc86d2a
+_CHAMPION_HISTORY = """
+CREATE TABLE champion_history (
+    id           bigserial PRIMARY KEY,
+    changed_at   timestamptz NOT NULL DEFAULT now(),
+    model_name   text NOT NULL,
+    from_version text,
+    to_version   text NOT NULL,
+    actor        text NOT NULL,                      -- 'retrainer', 'train', 'rollback', 'promote', 'unrecorded', ...
+    who          text,                               -- the analyst or OS user, when known
+    reason       text NOT NULL
+);
+CREATE INDEX champion_history_changed ON champion_history (model_name, changed_at);
+"""
+
+# %% ../nbs/07_db.ipynb #415f5bd2
+_MONITORING = """
+CREATE TABLE feature_rollup (
+    bucket        timestamptz NOT NULL,              -- scored_at truncated to the minute
+    model_version text NOT NULL,                     -- whose reference bins the counts use
+    feature       text NOT NULL,                     -- a feature name, or '__score__'
+    counts        bigint[] NOT NULL,
+    PRIMARY KEY (bucket, model_version, feature)
+);
+CREATE TABLE shadow_scores (
+    tx_id         text NOT NULL,
+    model_version text NOT NULL,
+    probability   double precision NOT NULL,
+    is_fraud      boolean NOT NULL,
+    threshold     double precision NOT NULL,
+    scored_at     timestamptz NOT NULL,
+    PRIMARY KEY (tx_id, model_version)
+);
+CREATE INDEX shadow_scores_version_time ON shadow_scores (model_version, scored_at);
+"""
+
 # %% ../nbs/07_db.ipynb #ea0c4a6f
 MIGRATIONS: list[tuple[str, str]] = [
     ('001_core', _SCORED_TRANSACTIONS + _LABELS + _RETRAIN_RUNS + _SCORER_STATS + _SCORED_ROLLUP),
@@ -122,6 +178,9 @@ MIGRATIONS: list[tuple[str, str]] = [
 CREATE INDEX labels_fraud_received ON labels (received_at) WHERE label = 1;
 """),
     ('003_raw_events', _RAW_EVENTS),
+    ('004_desk', _DESK),
+    ('005_champion_history', _CHAMPION_HISTORY),
+    ('006_monitoring', _MONITORING),
 ]
 
 # %% ../nbs/07_db.ipynb #ad52f561
