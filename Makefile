@@ -71,7 +71,9 @@ check: install
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
+# Two workers, a test file each (its module fixtures stay in one process); each worker starts its own embedded stack.
+# Most tests wait on streams and services, so two files at a time roughly halve the suite's wall time on 2 cores.
 pytest: install browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 test: install browser check docs nbtest pytest
