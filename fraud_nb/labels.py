@@ -16,9 +16,26 @@ from .stream import make_producer, publish, commit_offsets
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'LabelWriter', 'LabelSink', 'ensure_topic', 'labels_main']
+__all__ = ['log', 'ANALYST', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'source_rank', 'wins', 'rank_sql', 'LabelWriter',
+           'LabelSink', 'ensure_topic', 'labels_main']
 
 # %% ../nbs/14_labels.ipynb #ce180e35
+ANALYST = 'analyst'    # the desk's label source; every other source is ground truth
+
+def source_rank(source: str | None) -> int:
+    "1 for an analyst's decision, 2 for ground truth (a chargeback, the producer's replay, an unnamed source)."
+    return 1 if source == ANALYST else 2
+
+def wins(old: tuple[str, int], new: tuple[str, int]) -> bool:
+    "Whether label `new` (source, label) replaces the stored `old` one."
+    (so, yo), (sn, yn) = old, new
+    return source_rank(sn) > source_rank(so) or (source_rank(sn) == source_rank(so) and yn != yo)
+
+def rank_sql(col: str) -> str:
+    "`source_rank` as an SQL expression of the column `col`."
+    return f"(CASE WHEN coalesce({col}, 'producer') = '{ANALYST}' THEN 1 ELSE 2 END)"
+
+# %% ../nbs/14_labels.ipynb #f32ce157
 LABEL_STAGE = 'fraud_nb_label_stage'
 LABEL_STAGE_DDL = (f'CREATE TEMP TABLE IF NOT EXISTS {LABEL_STAGE} (ord int, tx_id text, label smallint, labeled_at timestamptz, '
                    f'terminal_id text, event_time timestamptz, source text) ON COMMIT DELETE ROWS')
@@ -26,12 +43,13 @@ UPSERT_SQL = f"""
 WITH up AS (
   INSERT INTO labels AS l (tx_id, label, labeled_at, terminal_id, event_time, source)
   SELECT DISTINCT ON (tx_id) tx_id, label, labeled_at, terminal_id, event_time, coalesce(source, 'producer')
-  FROM {LABEL_STAGE} ORDER BY tx_id, ord DESC
+  FROM {LABEL_STAGE} ORDER BY tx_id, {rank_sql('source')} DESC, ord DESC
   ON CONFLICT (tx_id) DO UPDATE SET label = EXCLUDED.label, labeled_at = EXCLUDED.labeled_at, received_at = now(),
-                                    seq = nextval(pg_get_serial_sequence('labels', 'seq')),
-                                    terminal_id = coalesce(EXCLUDED.terminal_id, l.terminal_id),
-                                    event_time = coalesce(EXCLUDED.event_time, l.event_time), source = EXCLUDED.source
-  WHERE l.label IS DISTINCT FROM EXCLUDED.label
+        seq = CASE WHEN l.label IS DISTINCT FROM EXCLUDED.label THEN nextval(pg_get_serial_sequence('labels', 'seq')) ELSE l.seq END,
+        terminal_id = coalesce(EXCLUDED.terminal_id, l.terminal_id),
+        event_time = coalesce(EXCLUDED.event_time, l.event_time), source = EXCLUDED.source
+  WHERE {rank_sql('EXCLUDED.source')} > {rank_sql('l.source')}
+     OR ({rank_sql('EXCLUDED.source')} = {rank_sql('l.source')} AND l.label IS DISTINCT FROM EXCLUDED.label)
   RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
 """
