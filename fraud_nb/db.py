@@ -130,8 +130,10 @@ CREATE TABLE decisions (
 );
 CREATE INDEX decisions_unpublished ON decisions (decided_at) WHERE published_at IS NULL;
 CREATE INDEX decisions_decided_at ON decisions (decided_at);
--- the review queue: flagged rows by expected loss
+-- the review queue: flagged rows by expected loss (fraud_nb.desk.review_queue)
 CREATE INDEX scored_transactions_queue ON scored_transactions ((probability * amount) DESC) WHERE is_fraud;
+-- a raw event's card: its recent transactions beside the alert (fraud_nb.desk.card_recent)
+CREATE INDEX scored_transactions_card ON scored_transactions (card_id, event_time) WHERE card_id IS NOT NULL;
 """
 
 # %% ../nbs/07_db.ipynb #8bc86d2a
