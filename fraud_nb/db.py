@@ -139,16 +139,16 @@ CREATE INDEX scored_transactions_card ON scored_transactions (card_id, event_tim
 # %% ../nbs/07_db.ipynb #8bc86d2a
 _CHAMPION_HISTORY = """
 CREATE TABLE champion_history (
-    id           bigserial PRIMARY KEY,
+    id           bigserial PRIMARY KEY,                -- the order of the changes (assigned under fraud_nb.history's lock)
     changed_at   timestamptz NOT NULL DEFAULT now(),
     model_name   text NOT NULL,
-    from_version text,
-    to_version   text NOT NULL,
-    actor        text NOT NULL,                      -- 'retrainer', 'train', 'rollback', 'promote', 'unrecorded', ...
-    who          text,                               -- the analyst or OS user, when known
+    from_version text,                                 -- NULL: there was no champion
+    to_version   text,                                 -- NULL: the alias was removed (found by reconcile)
+    actor        text NOT NULL,                        -- 'train', 'retrainer', 'promote', 'rollback', 'unrecorded', ...
+    who          text,                                 -- the analyst or OS user, when known
     reason       text NOT NULL
 );
-CREATE INDEX champion_history_changed ON champion_history (model_name, changed_at);
+CREATE INDEX champion_history_model ON champion_history (model_name, id DESC);
 """
 
 # %% ../nbs/07_db.ipynb #415f5bd2
