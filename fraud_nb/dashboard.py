@@ -253,7 +253,7 @@ def write_message(self: KernelSocketGuard, message, binary: bool = False):
 
 # %% ../nbs/18_dashboard.ipynb #715ba391
 class ExtraRoutes:
-    "Voila application mixin: `/healthz` and `/reports/` routes, the page handler with `ProbeAnswer`, the kernel websocket with `KernelSocketGuard`."
+    "Voila application mixin: `/healthz`, `/reports/` and `/desk` routes, the page handler with `ProbeAnswer`, the kernel websocket with `KernelSocketGuard`."
     def init_handlers(self):
         from jupyter_server.utils import url_path_join
         H = server_classes()
@@ -261,8 +261,10 @@ class ExtraRoutes:
         handlers = [(h[0], swap.get(h[1], h[1]), *h[2:]) for h in super().init_handlers()]
         assert H.KernelSocketHandler in [h[1] for h in handlers], "Voila's kernel websocket route was not found"
         Path(self.reports_dir).mkdir(parents=True, exist_ok=True)
+        from .desk_web import desk_handlers
+        desk = desk_handlers(get_settings(), url_path_join(self.server_url, '/desk'))   # the server's settings (`_serve` exported them)
         return [(url_path_join(self.server_url, r'/healthz'), H.HealthHandler),
-                (url_path_join(self.server_url, r'/reports/(.*)'), H.ReportHandler, {'path': str(self.reports_dir)})] + handlers
+                (url_path_join(self.server_url, r'/reports/(.*)'), H.ReportHandler, {'path': str(self.reports_dir)})] + desk + handlers
 
 # %% ../nbs/18_dashboard.ipynb #aa04c031
 @functools.cache
