@@ -67,3 +67,37 @@ def test_without_secrets_unsigned_labels_are_accepted_loudly(settings, tmp_path)
     try: wait_for(lambda: _labels(settings) == {'u-1': (1, 'producer')}, 60, 'the unsigned label stored\n' + tail(log))
     finally: assert stop(sink) == 0, tail(log)
     assert 'ACCEPTING UNSIGNED LABELS' in log.read_text()
+
+
+def test_a_chargeback_overrides_an_earlier_analyst_decision(settings, tmp_path):
+    """Analyst labels first; then a chargeback that disagrees wins (and gets a new seq: retraining sees it), a producer label
+    that agrees takes over the source (same seq: nothing new to learn), and a later analyst label changes nothing.
+    Retraining's query (`labelled_stream` up to the newest watermark) returns the winners."""
+    from fraud_nb import db
+    from fraud_nb.retrain import labelled_stream, labels_since
+    from test_desk import insert_alerts
+    keys = {k: secrets.token_hex(16) for k in ('producer', 'analyst', 'chargeback')}
+    s = replace(settings, label_secrets=','.join(f'{k}:{v}' for k, v in keys.items()))
+    insert_alerts(s, [('c-1', 10.0, 0.9), ('c-2', 20.0, 0.8), ('c-3', 30.0, 0.7)])
+    sign = lambda t, y, src: (t, sign_label(t, y, T0, source=src, secret=keys[src].encode()))
+    seqs = lambda: {t: q for t, q in query(s, 'SELECT tx_id, seq FROM labels')}
+    log = tmp_path/'labels.log'
+    sink = start_labels(s, log)
+    try:
+        _send(s, [sign('c-1', 0, 'analyst'), sign('c-2', 1, 'analyst')])
+        wait_for(lambda: len(_labels(s)) == 2, 60, 'the analyst labels stored\n' + tail(log))
+        before = seqs()
+        _send(s, [sign('c-1', 1, 'chargeback'), sign('c-2', 1, 'producer')])
+        wait_for(lambda: _labels(s) == {'c-1': (1, 'chargeback'), 'c-2': (1, 'producer')}, 60, 'the ground truth stored\n' + tail(log))
+        _send(s, [sign('c-1', 0, 'analyst'), sign('c-2', 0, 'analyst'), sign('c-3', 1, 'analyst')])   # c-3 marks the end
+        wait_for(lambda: 'c-3' in _labels(s), 60, 'the last analyst label stored\n' + tail(log))
+    finally: assert stop(sink) == 0, tail(log)
+    assert _labels(s) == {'c-1': (1, 'chargeback'), 'c-2': (1, 'producer'), 'c-3': (1, 'analyst')}, 'an analyst never overrides ground truth'
+    after = seqs()
+    assert after['c-1'] > max(before.values()) and after['c-2'] == before['c-2'], 'a changed label is new to the retrainer, a confirmed one is not'
+    eng = db.make_engine(s.database_url)
+    try:
+        n, watermark = labels_since(eng, 0)
+        got = labelled_stream(eng, watermark).set_index('tx_id')['Class'].to_dict()
+    finally: eng.dispose()
+    assert n == 3 and got == {'c-1': 1, 'c-2': 1, 'c-3': 1}, got

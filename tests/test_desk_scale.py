@@ -1,0 +1,60 @@
+"""The review queue stays fast with 1,000,000 pending alerts (issue 14: under 50 ms).
+
+One million flagged rows are generated in PostgreSQL (INSERT ... SELECT generate_series), the top 1,000 of them by
+expected loss are decided or labelled (so the queue's index scan has to skip them), and the queue's first page and a
+later page are timed: the median of several runs of `fraud_nb.desk.review_queue` and PostgreSQL's own execution time
+(EXPLAIN ANALYZE). The figures are printed."""
+import statistics
+import time
+
+import sqlalchemy as sa
+
+from fraud_nb import db
+from fraud_nb.desk import QUEUE_SQL, capacity, review_queue
+
+N = 1_000_000
+
+
+def test_queue_query_with_a_million_pending_alerts(settings):
+    eng = db.make_engine(settings.database_url)
+    try:
+        t0 = time.monotonic()
+        with eng.begin() as c:
+            c.execute(sa.text('''INSERT INTO scored_transactions (tx_id, event_time, tx_time, amount, features, probability, is_fraud,
+                                     threshold, model_version, scored_at, kafka_partition, kafka_offset, scorer_id)
+                                 SELECT 'q-' || i, now() - i * interval '1 ms', i, (i * 7919 % 10000) / 10.0, '{}', 0.5 + (i * 104729 % 5000) / 10000.0,
+                                        true, 0.5, '1', now() - i * interval '1 ms', i % 4, i, 's'
+                                 FROM generate_series(1::bigint, :n) i'''), {'n': N})
+            top = "SELECT tx_id FROM scored_transactions ORDER BY probability * amount DESC LIMIT 1000"
+            c.execute(sa.text(f'''INSERT INTO decisions (tx_id, label, analyst, model_version, probability, threshold)
+                                  SELECT tx_id, 1, 'ann', '1', 0.9, 0.5 FROM ({top}) t WHERE right(tx_id, 1) IN ('0','1','2','3','4')'''))
+            c.execute(sa.text(f'''INSERT INTO labels (tx_id, label, labeled_at) SELECT tx_id, 0, now() FROM ({top}) t
+                                  WHERE right(tx_id, 1) NOT IN ('0','1','2','3','4')'''))
+        with eng.connect().execution_options(isolation_level='AUTOCOMMIT') as c: c.execute(sa.text('VACUUM ANALYZE'))
+        print(f'\n{N:,} pending alerts generated in {time.monotonic() - t0:.1f} s')
+        with eng.connect() as c:
+            assert c.execute(sa.text('SELECT count(*) FROM scored_transactions WHERE is_fraud')).scalar() == N
+        figures = {}
+        for offset in (0, 500):
+            review_queue(eng, 25, offset)                 # warm
+            runs = []
+            for _ in range(7):
+                t = time.perf_counter(); rows = review_queue(eng, 25, offset); runs.append((time.perf_counter() - t) * 1000)
+            with eng.connect() as c:
+                plan = c.execute(sa.text('EXPLAIN (ANALYZE, FORMAT JSON) ' + QUEUE_SQL), {'limit': 25, 'offset': offset}).scalar()
+            figures[offset] = (statistics.median(runs), plan[0]['Execution Time'])
+            assert len(rows) == 25
+            loss = [r['expected_loss'] for r in rows]
+            assert loss == sorted(loss, reverse=True)
+            print(f'queue page at offset {offset}: median {figures[offset][0]:.1f} ms over 7 runs (client side), '
+                  f'PostgreSQL execution {figures[offset][1]:.2f} ms; plan uses the queue index: '
+                  f'{"scored_transactions_queue" in str(plan)}')
+        with eng.connect() as c:
+            decided = {r[0] for r in c.execute(sa.text('SELECT tx_id FROM decisions UNION SELECT tx_id FROM labels'))}
+        assert not decided & {r['tx_id'] for r in review_queue(eng, 200, 0)}, 'decided and labelled alerts are not in the queue'
+        t = time.perf_counter(); cap = capacity(eng); cap_ms = (time.perf_counter() - t) * 1000
+        print(f'capacity: {cap} in {cap_ms:.0f} ms')
+        assert cap['oldest_pending_s'] is not None and cap['reviews_per_hour'] == 500
+        for offset, (median_ms, pg_ms) in figures.items():
+            assert median_ms < 50, f'the queue query took {median_ms:.1f} ms (median) at offset {offset} with {N:,} pending alerts'
+    finally: eng.dispose()
