@@ -149,13 +149,13 @@ def _run_to_end(proc: subprocess.Popen, log: Path, n: int, timeout: float):
     if code != 0: raise RuntimeError(f'the scorer exited with {code}:\n{_tail(log)}')
 
 # %% ../nbs/19_bench.ipynb #ecf50a72
-def scorer_end_to_end(settings: Settings, topic: str, n: int, workdir: Path, timeout: float = 900) -> dict:
-    "(c) `fraud-nb score --stop-after n` on a filled topic; timed by the scorer's own milestones, then checked."
+def scorer_end_to_end(settings: Settings, topic: str, n: int, workdir: Path, timeout: float = 900, args: tuple = ()) -> dict:
+    "(c) `fraud-nb score --stop-after n` (and `args`) on a filled topic; timed by the scorer's own milestones, then checked."
     s = replace(settings, topic_transactions=topic, scorer_group=f'bench-scorer-{uuid.uuid4().hex[:6]}')
     before = _count(s.database_url)
     report, log = workdir/'scorer-c.json', workdir/'scorer-c.log'
     report.unlink(missing_ok=True)
-    proc = start_scorer(s, report, log, '--stop-after', str(n), '--id', 'bench-c')
+    proc = start_scorer(s, report, log, '--stop-after', str(n), '--id', 'bench-c', *args)
     _wait_ready(proc, report, log)
     _run_to_end(proc, log, n, timeout)
     r = json.loads(report.read_text())
@@ -165,7 +165,7 @@ def scorer_end_to_end(settings: Settings, topic: str, n: int, workdir: Path, tim
     return dict(messages=r['handled'], rows_written=rows, offsets_committed=committed,
                 steady_rate=n / (e['last_commit'] - e['first_message']), wall_rate=n / (e['last_commit'] - e['subscribed']),
                 join_s=e['first_message'] - e['subscribed'], model_us_per_tx=r['model_s'] / max(1, r['processed']) * 1e6,
-                batches=r['batches'], peak_rss_mb=r['peak_rss_bytes'] / 2**20)
+                batches=r['batches'], peak_rss_mb=r['peak_rss_bytes'] / 2**20, monitoring=r.get('monitoring'))
 
 # %% ../nbs/19_bench.ipynb #1078729e
 def _offer(s: Settings, X: np.ndarray, rate: float, seconds: float) -> tuple[int, float]:
@@ -214,6 +214,7 @@ def _raw_champion(s: Settings, say) -> int:
     X, y, k = RAW_EVENTS.batch(h), h.Class.to_numpy(), int(len(h) * .8)
     m = fit_model(X[:k], y[:k], X[k:], y[k:], h.amount.to_numpy()[k:], feature_set=RAW_EVENTS, seed=0)
     v = registry.register_model(m, s, metrics={}, alias='champion')
+    _with_reference(s, v, m)
     say(f'raw-event champion: version {v}, {m.booster.num_boosted_rounds()} trees, trained on {k:,} simulated transactions')
     return m.booster.num_boosted_rounds()
 
@@ -228,7 +229,7 @@ def _offer_raw(s: Settings, h: pd.DataFrame, rate: float, seconds: float) -> tup
 
 # %% ../nbs/19_bench.ipynb #2727e1dc
 def raw_events_bench(s: Settings, n: int, rate: float, steady_s: float, work: Path, pre_steady: float, say) -> dict:
-    "The raw-event path's (c) throughput and (d) latency; `pre_steady` is the prefeaturized (c) steady rate."
+    "The raw-event path's (c) throughput and (d) latency; `pre_steady` is the prefeaturized (c) steady rate (with monitoring, like these runs)."
     from fraud_nb.simulator import simulate
     from fraud_nb.stream import RawReplayer, raw_passes
     s = replace(s, model_name='bench-raw-xgb', experiment='bench-raw')
@@ -256,6 +257,11 @@ def summarize(res: dict) -> dict:
                       'c_over_b >= 30': res['ratios']['c_over_b'] >= TARGETS['c_over_b'],
                       'p99 <= 100 ms': d['p99_ms'] is not None and d['p99_ms'] <= TARGETS['p99_ms']}
     res['peak_rss_mb'] = max(c['peak_rss_mb'], d['peak_rss_mb'])
+    if (cm := res.get('c_monitor')) and (cs := res.get('c_shadow')):
+        res['monitoring'] = {'plain_tx_per_s': c['steady_rate'], 'monitor_tx_per_s': cm['steady_rate'], 'shadow_tx_per_s': cs['steady_rate'],
+                             'monitor_ratio': cm['steady_rate'] / c['steady_rate'], 'shadow_ratio': cs['steady_rate'] / c['steady_rate'],
+                             'monitor_ratio_wall': cm['wall_rate'] / c['wall_rate'], 'shadow_ratio_wall': cs['wall_rate'] / c['wall_rate']}
+        res['targets']['monitoring costs <= 10 % (steady)'] = res['monitoring']['monitor_ratio'] >= 0.9
     if (raw := res.get('raw_events')):
         res['targets'] |= {'raw_events ratio >= 0.5': raw['ratio_to_prefeaturized'] >= 0.5,
                            'raw_events p99 <= 50 ms': raw['p99_ms'] is not None and raw['p99_ms'] <= 50}
@@ -279,6 +285,10 @@ def format_report(res: dict) -> str:
         + _runs(c, 'runs_wall', 'median', ' (wall)'),
         f"(d) e2e latency at {d['offered_rate']:,.0f} tx/s offered ({d['messages']:,} tx), Kafka timestamp -> DB commit: "
         f"p50 {d['p50_ms']:.1f} ms, p95 {d['p95_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms",
+        *([f"(c) monitoring: plain {res['monitoring']['plain_tx_per_s']:,.0f} tx/s steady, with feature counts "
+           f"{res['monitoring']['monitor_tx_per_s']:,.0f} ({res['monitoring']['monitor_ratio']:.2f}x), with counts and a shadow challenger "
+           f"{res['monitoring']['shadow_tx_per_s']:,.0f} ({res['monitoring']['shadow_ratio']:.2f}x); wall ratios "
+           f"{res['monitoring']['monitor_ratio_wall']:.2f} / {res['monitoring']['shadow_ratio_wall']:.2f}"] if res.get('monitoring') else []),
         f"peak RSS of the scorer process: {c['peak_rss_mb']:.0f} MB during (c), {d['peak_rss_mb']:.0f} MB during (d)",
         f"ratios: c/a = {r['c_over_a_wall']:.2f} wall (from subscribe), {r['c_over_a_steady']:.3f} steady (after the group join);  "
         f"c/b = {r['c_over_b']:.1f}x",
@@ -294,7 +304,10 @@ def _champion(s: Settings, df: pd.DataFrame, say) -> tuple[object, int]:
     from fraud_nb import registry
     t0 = time.monotonic()
     tr, va, _ = time_split(df)
-    v = registry.register_model(train_model(tr, va), s, metrics={}, alias='champion')
+    m = train_model(tr, va)
+    v = registry.register_model(m, s, metrics={}, alias='champion')
+    _with_reference(s, v, m)
+    registry.register_model(m, s, metrics={})     # the same model again: the challenger of the shadow runs (c)
     model = registry.load_version(s, v)
     model.booster.set_param({'nthread': 1})
     trees = model.booster.num_boosted_rounds()
@@ -310,6 +323,35 @@ def _fresh_database(s: Settings, name: str) -> str:
     return url
 
 # %% ../nbs/19_bench.ipynb #1dfd5ae8
+def _with_reference(s: Settings, version: str, model):
+    "Log the model's reference with its version, unless `register_model` did already."
+    from fraud_nb.drift import load_reference, log_reference
+    if model.reference is not None and load_reference(s, version, model.features) is None: log_reference(s, version, model.reference)
+
+def _median_run(runs: list) -> dict:
+    "The median run (by the rate from subscribe) with every run's rates."
+    ranked = sorted(runs, key=lambda r: r['wall_rate'])
+    return {**ranked[(len(ranked) - 1) // 2], 'runs_wall': [r['wall_rate'] for r in runs],
+            'runs_steady': [r['steady_rate'] for r in runs], 'peak_rss_mb': max(r['peak_rss_mb'] for r in runs)}
+
+# %% ../nbs/19_bench.ipynb #51e1fcd1
+_C_WAYS = {'plain': ('--no-monitor',), 'monitor': (), 'shadow': ()}
+
+def _c_runs(s: Settings, topic: str, n: int, work: Path, c_runs_n: int, say) -> dict:
+    "(c) plain, with monitoring, and with a shadow challenger (version 2, the champion's twin), interleaved round by round."
+    from fraud_nb import registry
+    from mlflow import MlflowClient
+    runs = {k: [] for k in _C_WAYS}
+    for i in range(c_runs_n):
+        for way, args in _C_WAYS.items():
+            if way == 'shadow': registry.set_alias(s, 'challenger', '2')
+            try: runs[way].append(scorer_end_to_end(replace(s, database_url=_fresh_database(s, f'bench_c{way}{i}')), topic, n, work, args=args))
+            finally:
+                if way == 'shadow': MlflowClient(s.mlflow_tracking_uri, s.mlflow_tracking_uri).delete_registered_model_alias(s.model_name, 'challenger')
+            say(f"(c) scorer {way}, run {i + 1}: {runs[way][-1]['wall_rate']:,.0f} tx/s from subscribe, {runs[way][-1]['steady_rate']:,.0f} steady")
+    return runs
+
+# %% ../nbs/19_bench.ipynb #a599815d
 def _measure(s: Settings, X: np.ndarray, topic: str, model, work: Path, n: int, baseline_n: int, rate: float, steady_s: float,
              c_runs_n: int, say) -> dict:
     "(a)-(d) on the filled `topic`."
@@ -320,17 +362,12 @@ def _measure(s: Settings, X: np.ndarray, topic: str, model, work: Path, n: int, 
     say(f"(a) raw consume: {res['a_raw_consume']['steady_rate']:,.0f} tx/s steady (best of {[round(r) for r in res['a_raw_consume']['runs_steady']]})")
     res['b_per_message'] = per_message_baseline(s, topic, baseline_n, model, _fresh_database(s, 'bench_baseline'))
     say(f"(b) per-message baseline: {res['b_per_message']['steady_rate']:,.0f} tx/s")
-    c_runs = []
-    for i in range(c_runs_n):
-        c_runs.append(scorer_end_to_end(replace(s, database_url=_fresh_database(s, f'bench_c{i}')), topic, n, work))
-        say(f"(c) scorer, run {i + 1}: {c_runs[-1]['wall_rate']:,.0f} tx/s from subscribe, {c_runs[-1]['steady_rate']:,.0f} steady")
-    ranked = sorted(c_runs, key=lambda r: r['wall_rate'])
-    res['c_scorer'] = {**ranked[(len(ranked) - 1) // 2], 'runs_wall': [r['wall_rate'] for r in c_runs],
-                       'runs_steady': [r['steady_rate'] for r in c_runs], 'peak_rss_mb': max(r['peak_rss_mb'] for r in c_runs)}
+    c_runs = _c_runs(s, topic, n, work, c_runs_n, say)
+    res['c_scorer'], res['c_monitor'], res['c_shadow'] = (_median_run(c_runs[k]) for k in ('plain', 'monitor', 'shadow'))
     res['d_latency'] = steady_latency(s, X, rate, steady_s, work); say(f"(d) p99 {res['d_latency']['p99_ms']:.1f} ms")
     return res
 
-# %% ../nbs/19_bench.ipynb #51e1fcd1
+# %% ../nbs/19_bench.ipynb #5b0fd03b
 def run_bench(n: int = 200_000, baseline_n: int = 5_000, rate: float = 2_000, steady_s: float = 20, data: str | None = None,
               train_n: int = 100_000, keep: bool = False, say=print, c_runs_n: int = 3, raw_n: int = 100_000) -> dict:
     "Run (a)-(d) on a fresh throwaway embedded stack; return the results (see `summarize`)."
@@ -353,7 +390,7 @@ def run_bench(n: int = 200_000, baseline_n: int = 5_000, rate: float = 2_000, st
                               trees=trees, cpus=os.cpu_count(), loadavg=round(load, 2), baseline_n=baseline_n, rate=rate, steady_s=steady_s,
                               produce_rate=produce_rate)}
         res.update(_measure(s, X, topic, model, work, n, baseline_n, rate, steady_s, c_runs_n, say))
-        if raw_n: res['raw_events'] = raw_events_bench(s, raw_n, rate, steady_s, work, res['c_scorer']['steady_rate'], say)
+        if raw_n: res['raw_events'] = raw_events_bench(s, raw_n, rate, steady_s, work, res['c_monitor']['steady_rate'], say)
         res['config']['loadavg_after'] = round(os.getloadavg()[0], 2)
         ok = True
         return summarize(res)

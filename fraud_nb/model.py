@@ -17,7 +17,7 @@ from .evaluation import choose_threshold
 
 # %% auto #0
 __all__ = ['FEATURES', 'FEATURE_VERSION', 'FEATURE_SET_TAGS', 'DEFAULT_PARAMS', 'RESAMPLERS', 'features_from_raw',
-           'make_features', 'FraudModel', 'fit_model', 'train_model']
+           'make_features', 'FraudModel', 'training_reference', 'fit_model', 'train_model']
 
 # %% ../nbs/04_model.ipynb #88513a18
 _V = [f'V{i}' for i in range(1, 29)]
@@ -57,6 +57,7 @@ class FraudModel:
     params: dict = field(default_factory=dict)  # how it was trained (logged to MLflow)
     feature_set: str = 'prefeaturized'  # the feature set (fraud_nb.features) that computes its inputs ...
     feature_set_version: str = FEATURE_VERSION  # ... and its version; a model registered without them is prefeaturized
+    reference: dict | None = None  # its training distribution (fraud_nb.drift, logged as reference.json); None: trained before
 
 # %% ../nbs/04_model.ipynb #09d00733
 FEATURE_SET_TAGS = ('fraud_nb.feature_set', 'fraud_nb.feature_set_version')
@@ -160,6 +161,14 @@ def _xgb_params(params: dict | None, resample: str | None, seed: int, n_rows: in
     if p.get('scale_pos_weight') == 'balanced': p['scale_pos_weight'] = float((y_fit == 0).sum() / max(1, (y_fit == 1).sum()))
     return p
 
+# %% ../nbs/04_model.ipynb #8f1fa9e9
+def training_reference(booster, X_train, X_valid, names: list[str], seed: int = 0) -> dict:
+    "The drift reference (`fraud_nb.drift.reference_from`) of the training rows `X_train` (+ `X_valid` if refit on it too)."
+    from fraud_nb.drift import reference_from, _sample, MAX_REFERENCE_ROWS
+    X = np.asarray(X_train) if X_valid is None else np.vstack([X_train, X_valid])
+    X = X[_sample(len(X), MAX_REFERENCE_ROWS, seed)]
+    return reference_from(X, booster.inplace_predict(np.asarray(X, dtype=np.float32)), names, seed=seed)
+
 # %% ../nbs/04_model.ipynb #12d6bf23
 def _fit_booster(p, X_fit, y_fit, X_va, y_va, names, n_estimators, early_stopping_rounds):
     "An XGBoost booster early-stopped on the validation part, cut to its best iteration."
@@ -198,7 +207,8 @@ def fit_model(X_train, y_train, X_valid, y_valid, amount_valid, *, feature_set, 
     params = {k: v for k, v in p.items() if k != 'nthread'} | dict(resample=resample, refit=refit, review_cost=review_cost,
                                                                   n_estimators=n_estimators, early_stopping_rounds=early_stopping_rounds)
     return FraudModel(booster, names, fs.version, float(threshold), metrics=metrics, params=params,
-                      feature_set=fs.name, feature_set_version=fs.version)
+                      feature_set=fs.name, feature_set_version=fs.version,
+                      reference=training_reference(booster, X_train, X_valid if refit else None, names, seed))
 
 # %% ../nbs/04_model.ipynb #d72a3470
 def train_model(train: pd.DataFrame, valid: pd.DataFrame, *, params: dict | None = None, resample: str | None = None,

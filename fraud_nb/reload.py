@@ -27,14 +27,17 @@ class ModelSource(Protocol):
     def load(self, version: str): ...
 
 class RegistrySource:
-    "The MLflow registry of `settings`: alias `champion` of `settings.model_name`."
-    def __init__(self, settings: Settings): self.settings = settings
+    "The MLflow registry of `settings`: the version `alias` (`champion`, or `challenger` for shadow scoring) of `settings.model_name`."
+    def __init__(self, settings: Settings, alias: str = 'champion'): self.settings, self.alias = settings, alias
     def champion_version(self) -> str | None:
-        from fraud_nb.registry import champion_version
-        return champion_version(self.settings)
+        from fraud_nb.registry import alias_version
+        return alias_version(self.settings, self.alias)
     def load(self, version: str):
         from fraud_nb.registry import load_version
-        return load_version(self.settings, version)   # with its feature set, from the version's tags
+        from fraud_nb.drift import load_reference
+        m = load_version(self.settings, version)   # with its feature set, from the version's tags
+        m.reference = load_reference(self.settings, version, m.features)   # its training distribution, or None
+        return m
 
 # %% ../nbs/12_reload.ipynb #359ca10b
 SERVE_THREADS = 1   # XGBoost threads per scorer: one. Measured on 2 cores shared with PostgreSQL and the broker,
@@ -92,6 +95,7 @@ class ModelWatcher:
         self.current = None                   # the model serving now
         self.pending = None                   # vetted, waiting for the next batch
         self.refused: dict[str, str] = {}     # version -> reason, never retried
+        self.role = 'champion'                # the alias it follows (fraud_nb.shadow's watcher follows `challenger`)
         self.swaps = 0
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -106,6 +110,11 @@ class ModelWatcher:
 
 # %% ../nbs/12_reload.ipynb #555a3db3
 @patch
+def _refusal_note(self: ModelWatcher) -> str:
+    "What a refusal means for the traffic (in its log line)."
+    return f'version {getattr(self.current, "version", None)} keeps serving'
+
+@patch
 def _try_load(self: ModelWatcher, version: str):
     "Load and vet `version`; return the model, or None (refused: remembered; transient failure: retried later)."
     t0 = time.monotonic()
@@ -117,7 +126,7 @@ def _try_load(self: ModelWatcher, version: str):
         vet_model(model)
     except Exception as e:
         self.refused[str(version)] = f'{type(e).__name__}: {e}'
-        log.error('REFUSED model version %s: %s; version %s keeps serving', version, e, getattr(self.current, 'version', None))
+        log.error('REFUSED model version %s: %s; %s', version, e, self._refusal_note())
         return None
     log.info('model version %s loaded and vetted in %.2f s (threshold %.4f)', version, time.monotonic() - t0, model.threshold)
     return model
@@ -217,7 +226,7 @@ def _run(self: ModelWatcher):
         notified, conn = self._notified(conn)
         if self._stop.is_set(): break
         if notified or time.monotonic() >= next_check:
-            if notified: log.info('champion change signalled: checking the registry now')
+            if notified: log.info('%s change signalled: checking the registry now', self.role)
             self.check()
             next_check = time.monotonic() + self.settings.model_poll_s
     if conn is not None: conn.close()

@@ -22,6 +22,7 @@ from .reload import ModelSource, ModelWatcher
 from .reload import signal_champion_changed   # its old home: `from fraud_nb.scorer import signal_champion_changed` still works
 from .stream import make_producer, publish, kafka_time_us, commit_offsets
 from .raw_path import RawPath, serves_raw
+from .shadow import Monitor, Capture
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Prepared:
     n_dead: int
     alerts: tuple | None           # flagged rows: (tx_ids, probabilities, amounts, feature rows, scored_at)
     delta: object = None           # raw events: the card rows to add to the state once the batch is committed
+    monitoring: object = None      # `scorer_db.Monitoring`: reference bin counts, shadow scores (written in the same transaction)
 
 # %% ../nbs/13_scorer.ipynb #b139477a
 from confluent_kafka import KafkaError as _KafkaError, Message as _Message
@@ -66,7 +68,7 @@ class Scorer:
     "A streaming scorer: `run()` until `stop()` (or SIGTERM/SIGINT with `score_main`), or until `stop_after` messages."
     def __init__(self, settings: Settings, *, scorer_id: str | None = None, source: ModelSource | None = None,
                  stop_after: int | None = None, listen: bool = True, shutdown_grace_s: float = 20.0,
-                 consumer_overrides: dict | None = None):
+                 consumer_overrides: dict | None = None, monitor: bool = True):
         self.s = require(settings, 'kafka_bootstrap', 'database_url')
         self.id = scorer_id or f'{socket.gethostname()}-{os.getpid()}'
         self.watcher = ModelWatcher(settings, source, listen=listen)
@@ -87,6 +89,7 @@ class Scorer:
         self.assignment: list = []
         self._latest: dict = {}                # newest offsets handed to asynchronous commits, committed synchronously at the end
         self.raw = None                        # a `raw_path.RawPath` while the champion's feature set is raw_events
+        self.monitor = Monitor(self.s, enabled=monitor, listen=listen)   # feature counts, shadow challenger (fraud_nb.shadow)
 
 # %% ../nbs/13_scorer.ipynb #8cd34d6d
 @patch
@@ -141,8 +144,8 @@ def prepare(self: Scorer, msgs: list, model) -> Prepared:
     records = self._dead_letters(good, d.rejected)
     if len(d) == 0: return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
     kts = kafka_time_us(good)[d.index]
-    rows, model_s, alerts = self._score(d, model, part_all[d.index], off_all[d.index], kts)
-    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts)
+    rows, model_s, alerts, mon = self._score(d, model, part_all[d.index], off_all[d.index], kts)
+    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts, monitoring=mon)
 
 # %% ../nbs/13_scorer.ipynb #3820f1ab
 @patch
@@ -166,13 +169,15 @@ def _prepare_raw(self: Scorer, msgs: list, model) -> Prepared:
     records = self._dead_letters(good, refused)
     self._finish_inflight()           # the previous batch's card rows join the state after its commit: this batch sees them
     if len(d) == 0: return Prepared(len(good), offsets, None, 0, np.empty(0, np.int64), model, 0.0, records, len(d.rejected), None)
-    kts, rows, model_s, alerts, delta = self.raw.prepare(d, [good[i] for i in at.tolist()], part_all[at], off_all[at], model, self.id)
-    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts, delta)
+    cap = Capture(model)              # the raw path computes the features inside: the monitor sees what the model scored
+    kts, rows, model_s, alerts, delta = self.raw.prepare(d, [good[i] for i in at.tolist()], part_all[at], off_all[at], cap, self.id)
+    mon = self.monitor.batch(model, cap.X, cap.prob, d.tx_id)
+    return Prepared(len(good), offsets, rows, len(d), kts, model, model_s, records, len(d.rejected), alerts, delta, mon)
 
 # %% ../nbs/13_scorer.ipynb #45403e5f
 @patch
 def _score(self: Scorer, d, model, part, off, kts):
-    "Score the decoded rows `d`: (COPY rows, model seconds, alerts or None)."
+    "Score the decoded rows `d`: (COPY rows, model seconds, alerts or None, `Monitoring` or None)."
     from fraud_nb.model import features_from_raw
     t0 = time.perf_counter()
     X = features_from_raw(d.values)        # d.values is in RAW_COLUMNS order (NUMERIC_FIELDS)
@@ -185,14 +190,14 @@ def _score(self: Scorer, d, model, part, off, kts):
         alerts = ([d.tx_id[j] for j in idx.tolist()], prob[idx], d.values[idx, -1], X[idx], iso_utc())
     rows = copy_rows(part, off, kts, d.event_us, d.values, prob, flagged, d.tx_id, threshold=model.threshold,
                      version=model.version, model_ms=model_s * 1000 / len(d), scorer_id=self.id)
-    return rows, model_s, alerts
+    return rows, model_s, alerts, self.monitor.batch(model, X, prob, d.tx_id)
 
 # %% ../nbs/13_scorer.ipynb #e7d09fd2
 @patch
 def _write(self: Scorer, p: Prepared) -> WriteResult | None:
     "The writer thread's job: the batch's DB transaction."
     if p.rows is None: return None
-    return self.writer.write(p.rows, give_up=self._give_up)
+    return self.writer.write(p.rows, give_up=self._give_up, monitoring=p.monitoring)
 
 @patch
 def _submit(self: Scorer, p: Prepared):
@@ -324,7 +329,7 @@ def _on_lost(self: Scorer, consumer, partitions):
 def _open(self: Scorer):
     "Start the watcher thread, the producer and the consumer; subscribe."
     from confluent_kafka import Consumer
-    self.watcher.start()
+    self.watcher.start(); self.monitor.start()
     self.producer = make_producer(self.s, **{'linger.ms': 5})
     self.consumer = Consumer({**consumer_conf(self.s, **self.consumer_overrides), 'on_commit': self._on_commit})
     self._follow_kind(self.watcher.current)
@@ -376,7 +381,7 @@ def _close(self: Scorer):
     try:
         if self.stats.processed or self.stats.dead_letters: self.write_stats()
     except Exception: pass
-    self.watcher.stop()
+    self.watcher.stop(); self.monitor.stop()
     self._pool.shutdown(wait=True); self._alert_pool.shutdown(wait=True)   # the jobs left end quickly: their batch was abandoned
     if self.consumer is not None: self.consumer.close(); self.consumer = None
     if self.producer is not None:
@@ -394,7 +399,7 @@ def summary(self: Scorer) -> dict:
     "The run report: counts, milestones (Unix times), latency percentiles over the run, model, peak RSS."
     return dict(scorer_id=self.id, handled=self.handled, **self.stats.total, events=dict(self.events),
                 model_version=getattr(self.watcher.current, 'version', None), swaps=self.watcher.swaps,
-                refused=dict(self.watcher.refused), peak_rss_bytes=peak_rss_bytes(),
+                refused=dict(self.watcher.refused), peak_rss_bytes=peak_rss_bytes(), monitoring=self.monitor.summary(),
                 latency_ms=dict(zip(('p50', 'p95', 'p99'), histogram_percentiles(self.stats.run_hist))))
 
 # %% ../nbs/13_scorer.ipynb #1fbc3f70
@@ -423,7 +428,7 @@ def _score(a) -> int:
     # The writer thread needs the GIL for a moment between its database calls; with Python's default 5 ms switch interval it
     # waits up to that long each time behind the decoding main thread (measured: +8 % throughput at 1 ms, median of 5 runs each)
     sys.setswitchinterval(0.001)
-    scorer = Scorer(s, scorer_id=a.id, stop_after=a.stop_after)
+    scorer = Scorer(s, scorer_id=a.id, stop_after=a.stop_after, monitor=not a.no_monitor)
     _handle_signals(scorer)
     if a.report: threading.Thread(target=_report_when_ready, args=(scorer, Path(a.report)), daemon=True).start()
     out = scorer.run()
@@ -438,4 +443,5 @@ def score_main(argv: list[str]) -> int:
     p.add_argument('--id', help='scorer id in scorer_stats and scored_transactions (if not given: host-pid)')
     p.add_argument('--stop-after', type=int, metavar='N', help='exit after N messages (benchmarks, tests)')
     p.add_argument('--report', metavar='PATH', help='write the run report (JSON) here once consuming, and at exit')
+    p.add_argument('--no-monitor', action='store_true', help='no live feature counts (feature_rollup) and no shadow challenger')
     return run_command(p, argv, _score)

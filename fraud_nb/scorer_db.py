@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import psycopg2, psycopg2.errors
+import psycopg2, psycopg2.errors, psycopg2.extras
 from fastcore.basics import patch
 
 from .pg import Backoff, RetryingWriter, CopyRows, COPY_COLUMNS, pg_connect
@@ -17,9 +17,9 @@ from .pg import Backoff, RetryingWriter, CopyRows, COPY_COLUMNS, pg_connect
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL', 'REPLAY_SQL', 'STATS_SQL', 'replay_sql',
-           'WriteResult', 'BatchWriter', 'latency_bins', 'histogram_percentiles', 'Stats', 'StatsWriter',
-           'peak_rss_bytes']
+__all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL', 'REPLAY_SQL', 'FEATURE_ROLLUP_SQL',
+           'FEATURE_ROLLUP_ROW', 'SHADOW_SQL', 'STATS_SQL', 'replay_sql', 'Monitoring', 'add_monitoring', 'WriteResult',
+           'BatchWriter', 'latency_bins', 'histogram_percentiles', 'Stats', 'StatsWriter', 'peak_rss_bytes']
 
 # %% ../nbs/13a_scorer_db.ipynb #f423e07f
 _COLS = ', '.join(COPY_COLUMNS)
@@ -48,7 +48,7 @@ REPLAY_SQL = f"""
 WITH ins AS (
   INSERT INTO scored_transactions ({_COLS}) SELECT {_COLS} FROM {STAGE_TABLE}
   ON CONFLICT (tx_id) DO NOTHING
-  RETURNING scored_at, model_version, is_fraud, probability, latency_ms, amount),
+  RETURNING scored_at, model_version, is_fraud, probability, latency_ms, amount, tx_id),
 agg AS (
   SELECT date_trunc('second', scored_at) AS bucket, model_version, count(*) AS n, count(*) FILTER (WHERE is_fraud) AS flagged,
          sum(probability) AS sum_prob, sum(latency_ms) AS sum_latency, sum(amount) AS sum_amount, ARRAY[{_HIST}]::bigint[] AS hist
@@ -57,8 +57,44 @@ up AS (
   INSERT INTO scored_rollup AS r (bucket, model_version, n, flagged, sum_prob, sum_latency, sum_amount, score_hist)
   SELECT bucket, model_version, n, flagged, sum_prob, sum_latency, sum_amount, hist FROM agg ORDER BY bucket, model_version
   {_ROLLUP_MERGE})
-SELECT coalesce(sum(n), 0)::bigint FROM agg   -- a data-modifying CTE runs to completion whether or not it is read
+SELECT coalesce(sum(n), 0)::bigint, (SELECT array_agg(tx_id) FROM ins) FROM agg   -- a data-modifying CTE runs to completion whether or not it is read
 """
+
+# %% ../nbs/13a_scorer_db.ipynb #5e2b7a37
+@dataclass
+class Monitoring:
+    "What a batch adds to the monitoring tables: its rows' reference bins, and/or a challenger's scores."
+    tx_ids: list                            # the batch's transaction ids, in row order
+    binner: object = None                   # `fraud_nb.drift.Binner` of the serving version's reference (None: no counts)
+    version: str | None = None              # the serving version (whose reference bins these are)
+    bins: np.ndarray | None = None          # `binner.index(X, probabilities)`
+    shadow_version: str | None = None       # the challenger version, when it scored the batch
+    shadow_prob: np.ndarray | None = None
+    shadow_threshold: float | None = None
+
+# %% ../nbs/13a_scorer_db.ipynb #ed78cfb1
+FEATURE_ROLLUP_SQL = """INSERT INTO feature_rollup AS r (bucket, model_version, feature, counts) VALUES %s
+ON CONFLICT (bucket, model_version, feature) DO UPDATE SET
+    counts = ARRAY(SELECT coalesce(a, 0) + coalesce(b, 0) FROM unnest(r.counts, EXCLUDED.counts) AS h(a, b))"""
+FEATURE_ROLLUP_ROW = '(to_timestamp(%s), %s, %s, %s::bigint[])'
+SHADOW_SQL = """INSERT INTO shadow_scores (tx_id, model_version, probability, is_fraud, threshold, scored_at)
+SELECT t, %(version)s, p, p >= %(threshold)s, %(threshold)s, to_timestamp(%(s)s) + %(us)s * interval '1 microsecond'
+FROM unnest(%(ids)s::text[], %(probs)s::float8[]) AS u(t, p)
+ON CONFLICT (tx_id, model_version) DO NOTHING"""
+
+# %% ../nbs/13a_scorer_db.ipynb #40a87281
+def add_monitoring(cur, m: Monitoring | None, now_us: int, inserted: set | None = None):
+    "Add `m`'s counts to the minute's `feature_rollup` and insert its shadow scores, for the rows inserted (all, or the ids in `inserted`)."
+    if m is None: return
+    mask = None if inserted is None else np.fromiter((t in inserted for t in m.tx_ids), bool, len(m.tx_ids))  # replays only
+    if mask is not None and not mask.any(): return
+    if m.bins is not None:
+        rows = [(now_us // 60_000_000 * 60, m.version, f, c) for f, c in m.binner.rows(m.binner.counts(m.bins, mask))]
+        psycopg2.extras.execute_values(cur, FEATURE_ROLLUP_SQL, rows, template=FEATURE_ROLLUP_ROW)
+    if m.shadow_prob is not None:
+        ids, probs = (list(m.tx_ids), m.shadow_prob) if mask is None else ([t for t, k in zip(m.tx_ids, mask) if k], m.shadow_prob[mask])
+        cur.execute(SHADOW_SQL, dict(version=m.shadow_version, threshold=float(m.shadow_threshold), s=now_us // 1_000_000,
+                                     us=now_us % 1_000_000, ids=[str(t) for t in ids], probs=np.asarray(probs, np.float64).tolist()))
 
 # %% ../nbs/13a_scorer_db.ipynb #b2debcb1
 @dataclass
@@ -83,8 +119,8 @@ def _add_rollup(cur, rows: CopyRows, now_us: int):
 
 # %% ../nbs/13a_scorer_db.ipynb #7e2f1c64
 @patch
-def write(self: BatchWriter, rows: CopyRows, give_up: Callable[[], bool] = lambda: False) -> WriteResult:
-    "Write one scored batch and its rollup in one transaction (the replay path if any row is already there)."
+def write(self: BatchWriter, rows: CopyRows, give_up: Callable[[], bool] = lambda: False, monitoring: Monitoring | None = None) -> WriteResult:
+    "Write one scored batch, its rollup and its `monitoring` in one transaction (the replay path if any row is already there)."
     replay, cols = False, ', '.join(rows.columns)
     def work(cur):
         nonlocal replay
@@ -95,10 +131,12 @@ def write(self: BatchWriter, rows: CopyRows, give_up: Callable[[], bool] = lambd
             except psycopg2.errors.UniqueViolation:
                 cur.connection.rollback(); replay = True
                 log.info('a batch of %d holds already written transaction(s) (a replay): inserting only the new ones', len(rows))
-            else: _add_rollup(cur, rows, now_us); return len(rows)
+            else: _add_rollup(cur, rows, now_us); add_monitoring(cur, monitoring, now_us); return len(rows)
         _copy(cur, STAGE_COPY_SQL.replace(_COLS, cols), buf)
         cur.execute(REPLAY_SQL if rows.columns == COPY_COLUMNS else replay_sql(cols))
-        return cur.fetchone()[0]
+        n, ids = cur.fetchone()
+        add_monitoring(cur, monitoring, now_us, set(ids or ()))
+        return n
     inserted = self.run(work, give_up)
     return WriteResult(int(inserted), time.time())
 

@@ -43,7 +43,27 @@ def train_champion(settings, seed: int = 3, alias: str | None = 'champion') -> s
     from fraud_nb import registry
     tr, va, _ = time_split(synthetic_transactions(20_000, seed=seed, fraud_rate=0.01))
     model = train_model(tr, va, n_estimators=30, seed=seed)
-    return registry.register_model(model, settings, metrics={}, alias=alias)
+    return with_reference(settings, registry.register_model(model, settings, metrics={}, alias=alias), model)
+
+
+def with_reference(settings, version: str, model) -> str:
+    "Make sure `version` has its `reference.json` (until register_model logs it itself); return `version`."
+    from fraud_nb.drift import log_reference, load_reference
+    if model.reference is not None and load_reference(settings, version, model.features) is None:
+        log_reference(settings, version, model.reference)
+    return version
+
+
+def register_mismatched(settings) -> str:
+    "A registered version whose declared feature list differs from this fraud_nb's (as if trained by another release)."
+    import json
+    from mlflow import MlflowClient
+    from fraud_nb.model import FEATURES
+    v = train_champion(settings, seed=9, alias=None)
+    c = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    c.set_model_version_tag(settings.model_name, v, 'features', json.dumps(FEATURES[:-1] + ['hour_of_week']))
+    c.set_model_version_tag(settings.model_name, v, 'feature_version', '0')
+    return v
 
 
 def produce(settings, n: int, seed: int = 0, rate: float = 0, labels: bool = False):
@@ -195,7 +215,7 @@ def train_raw_champion(settings, seed: int = 11, alias: str | None = 'champion',
     m = fit_model(X[:cut[0]], y[:cut[0]], X[cut[0]:], y[cut[0]:], h.amount.to_numpy()[cut[0]:], feature_set=RAW_EVENTS,
                   n_estimators=30, seed=seed, refit=False)
     if feature_set_version is not None: m.feature_set_version = feature_set_version
-    return registry.register_model(m, settings, metrics={}, alias=alias)
+    return with_reference(settings, registry.register_model(m, settings, metrics={}, alias=alias), m)
 
 
 def start_labels(settings, log_path: Path) -> subprocess.Popen:

@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from fraud_nb.reload import ModelWatcher, signal_champion_changed, vet_model
-from scorer_helpers import wait_for, query, scored_count, train_champion, stop, tail, check_exactly_once, scorer_under_stream
+from scorer_helpers import (wait_for, query, scored_count, train_champion, stop, tail, check_exactly_once, scorer_under_stream,
+                            register_mismatched)
 
 
 class FakeSource:
@@ -57,15 +58,7 @@ def test_vet_model_checks_features_and_predictions(small_models):
     with pytest.raises(ValueError, match='features'): vet_model(bad)
 
 
-def _register_mismatched(settings) -> str:
-    "A registered version whose declared feature list differs from this fraud_nb's (as if trained by another release)."
-    from mlflow import MlflowClient
-    from fraud_nb.model import FEATURES
-    v = train_champion(settings, seed=9, alias=None)
-    c = MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
-    c.set_model_version_tag(settings.model_name, v, 'features', json.dumps(FEATURES[:-1] + ['hour_of_week']))
-    c.set_model_version_tag(settings.model_name, v, 'feature_version', '0')
-    return v
+_register_mismatched = register_mismatched
 
 
 def test_champion_moves_mid_stream(settings, tmp_path):

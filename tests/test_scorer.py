@@ -145,4 +145,12 @@ def test_bench_reports_every_figure():
     assert len(c['runs_wall']) == 2 and c['wall_rate'] == min(c['runs_wall'])   # of two runs, the median rule takes the lower
     assert 0 < d['p50_ms'] <= d['p95_ms'] <= d['p99_ms'] and d['messages'] > 0 and d['peak_rss_mb'] > 50
     assert set(res['ratios']) == {'c_over_a_steady', 'c_over_a_wall', 'c_over_b'}
-    assert len(res['targets']) == (5 if res.get('raw_events') else 3) and all(isinstance(v, bool) for v in res['targets'].values())   # + the raw-event pair
+    # monitoring: the same run, plain (--no-monitor), with feature counts, with counts and a shadow challenger
+    m = res['monitoring']
+    assert set(m) == {'plain_tx_per_s', 'monitor_tx_per_s', 'shadow_tx_per_s', 'monitor_ratio', 'shadow_ratio', 'monitor_ratio_wall', 'shadow_ratio_wall'}
+    assert m['plain_tx_per_s'] == c['steady_rate'] and m['monitor_tx_per_s'] == res['c_monitor']['steady_rate'] > 0 and m['shadow_tx_per_s'] > 0
+    assert res['c_scorer']['monitoring'] == {'enabled': False}
+    assert res['c_monitor']['monitoring']['enabled'] and res['c_monitor']['monitoring']['challenger'] is None
+    assert res['c_shadow']['monitoring']['challenger'] == '2' and res['c_shadow']['monitoring']['shadow_batches'] > 0
+    assert all(r['rows_written'] == 10_000 for r in (res['c_monitor'], res['c_shadow']))
+    assert len(res['targets']) == (6 if res.get('raw_events') else 4) and all(isinstance(v, bool) for v in res['targets'].values())   # + monitoring, + the raw-event pair
