@@ -114,3 +114,48 @@ def test_a_note_with_html_is_shown_as_text(desk):
     assert query(s, 'SELECT tx_id, analyst, label FROM decisions') == [('a-2', 'ann', 0)]
     assert query(s, 'SELECT published_at IS NOT NULL FROM decisions') == [(True,)], 'the label reached the broker'
     assert 'a-2' not in page.text.split('Latest decisions')[0], 'a decided alert leaves the queue'
+
+
+def test_a_decision_left_unpublished_by_a_crash_is_published_once(settings):
+    "The outbox: an audit row whose label never reached the broker (a crash in between) is published by `publish_pending`, once."
+    from fraud_nb import db
+    from fraud_nb.contracts import parse_label_secrets, verify_label
+    from fraud_nb.desk import publish_pending
+    from fraud_nb.stream import make_producer
+    from scorer_helpers import read_topic
+    s, _ = desk_settings(settings)
+    insert_alerts(s, [('o-1', 10.0, 0.9), ('o-2', 10.0, 0.9)])
+    execute(s, '''INSERT INTO decisions (tx_id, label, analyst, model_version, probability, threshold) VALUES (%s, %s, 'ann', '1', 0.9, 0.5)''',
+            [('o-1', 1)])
+    eng, producer = db.make_engine(s.database_url), make_producer(s)
+    try:
+        assert publish_pending(eng, producer, s) == 1 and publish_pending(eng, producer, s) == 0
+    finally: eng.dispose()
+    msgs = read_topic(s, s.topic_labels, 2, timeout=5)
+    assert len(msgs) == 1 and msgs[0].key() == b'o-1'
+    row, why = verify_label(msgs[0].value(), parse_label_secrets(s.label_secrets))
+    assert why is None and row[:2] == ('o-1', 1) and row[5] == 'analyst'
+    assert query(s, 'SELECT tx_id FROM decisions WHERE published_at IS NOT NULL') == [('o-1',)]
+
+
+def test_an_analyst_rolls_the_champion_back_from_the_desk(settings):
+    "The desk's rollback is `fraud_nb.history.rollback` with the analyst as `who`; the history page shows it."
+    pytest.importorskip('fraud_nb.history')
+    from fraud_nb import registry
+    from scorer_helpers import train_champion
+    s, token = desk_settings(settings)
+    v1 = train_champion(s, seed=3)
+    v2 = train_champion(s, seed=4)
+    assert registry.champion_version(s) == v2
+    p, url = start_dashboard(s)
+    try:
+        ann = requests.Session()
+        login(ann, url, 'ann', token)
+        page = ann.get(url + 'desk/history', timeout=30).text
+        assert 'Roll back</button>' in page
+        r = ann.post(url + 'desk/rollback', data={'_xsrf': xsrf(ann, url), 'reason': 'v2 <flags> too much'}, timeout=120)
+        assert r.status_code == 200 and f'Champion rolled back to version {v1}' in r.text, r.text[-2000:]
+        assert 'v2 &lt;flags&gt; too much' in r.text and '<flags>' not in r.text
+    finally: stop_dashboard(p)
+    assert registry.champion_version(s) == v1
+    assert ('rollback', 'ann', 'v2 <flags> too much') in query(s, 'SELECT actor, who, reason FROM champion_history')
