@@ -20,8 +20,9 @@ from .dashboard_queries import *
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVIDENCE_TAG', 'STATES', 'BinCache', 'ChampionCache', 'champion_evidence', 'run_evidence', 'reasons_text',
-           'AlertReasons', 'Snapshot', 'embedded_stack_down', 'failure_snapshot', 'DataSource', 'Timings', 'judge']
+__all__ = ['log', 'EVIDENCE_TAG', 'STATES', 'BinCache', 'ChampionCache', 'MonitorCache', 'champion_evidence', 'run_evidence',
+           'reasons_text', 'AlertReasons', 'Snapshot', 'embedded_stack_down', 'failure_snapshot', 'DataSource',
+           'Timings', 'judge']
 
 # %% ../nbs/16_dashboard_data.ipynb #afd54659
 class BinCache:
@@ -96,6 +97,34 @@ def _fetch(self: ChampionCache, s: Settings) -> dict:
                 'tags': dict(mv.tags or {}), 'metrics': _run_metrics(self._client, mv)}
     except Exception as e:
         return {'state': 'error', 'message': f'registry unreachable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})'}
+
+# %% ../nbs/16_dashboard_data.ipynb #302a2be5
+class MonitorCache:
+    "The monitor's report (`fraud_nb.monitor.monitor_report`) for the champion, computed at most every `ttl` seconds (in a thread with `background`)."
+    def __init__(self, ttl: float = 30.0, background: bool = True):
+        self.ttl, self.background, self._at, self._value, self._key, self._thread = ttl, background, -math.inf, None, None, None
+
+# %% ../nbs/16_dashboard_data.ipynb #3030900a
+@patch
+def _fetch(self: MonitorCache, engine: sa.Engine, s: Settings, version: str | None) -> dict:
+    from fraud_nb.monitor import monitor_report
+    t0 = time.perf_counter()
+    try: r = {'state': 'ok', **monitor_report(engine, s, version=version, lookup=False)}
+    except Exception as e:
+        msg = str(getattr(e, 'orig', None) or e).strip().splitlines()
+        r = {'state': 'error', 'message': f'monitor unavailable ({type(e).__name__}: {(msg[0] if msg else "")[:160]})'}
+    return r | {'ms': round((time.perf_counter() - t0) * 1000, 1)}
+
+@patch
+def get(self: MonitorCache, engine: sa.Engine, s: Settings, version: str | None) -> dict:
+    "The report for champion `version` (None: quality and shadow only), recomputed when older than `ttl` or for another champion."
+    key = (str(engine.url), version)
+    if self._key == key and self._value is not None and time.monotonic() - self._at < self.ttl: return self._value
+    def run(): self._value, self._key, self._at = self._fetch(engine, s, version), key, time.monotonic()
+    if not self.background: run(); return self._value
+    if self._thread is None or not self._thread.is_alive():
+        self._thread = threading.Thread(target=run, name='fraud-nb-dashboard-monitor', daemon=True); self._thread.start()
+    return self._value if self._key == key and self._value is not None else {'state': 'loading', 'message': 'computing drift and live quality…'}
 
 # %% ../nbs/16_dashboard_data.ipynb #d84e08c3
 EVIDENCE_TAG = 'fraud_nb.evidence.'   # the tags of `retrain.evidence_tags`
@@ -233,6 +262,7 @@ class Snapshot:
     quality: dict = field(default_factory=dict)
     chart_range: tuple = ()
     quality_range: tuple = ()
+    monitor: dict = field(default_factory=dict)   # `MonitorCache`: drift, live quality per version, the shadow challenger
     timings: dict = field(default_factory=dict)   # query name -> milliseconds
     reasons_error: str | None = None
 
@@ -269,11 +299,12 @@ def failure_snapshot(e: Exception, s: Settings, window: str) -> Snapshot:
 class DataSource:
     "Runs the dashboard's queries against the database (read-only) and the registry; one per page."
     def __init__(self, settings: Settings | None = None, *, alerts: int = 10, runs: int = 8, reasons: bool = True,
-                 champion_ttl: float = 10.0, background: bool = True):
+                 champion_ttl: float = 10.0, background: bool = True, monitor_ttl: float = 30.0):
         self.fixed, self._settings = settings, None
         self.k_alerts, self.k_runs, self.use_reasons = alerts, runs, reasons
         self.engine, self.url = None, None
         self.champion = ChampionCache(champion_ttl, background)
+        self.monitor = MonitorCache(monitor_ttl, background)
         self.reasons: AlertReasons | None = None
         self._reset()
 
@@ -363,6 +394,13 @@ def _add_reasons(self: DataSource, snap: Snapshot, s: Settings, t: Timings):
     for a in snap.alerts: a['reasons'] = reasons.get(a['tx_id'])
     snap.reasons_error = self.reasons.error
 
+# %% ../nbs/16_dashboard_data.ipynb #e0a24fa9
+@patch
+def _add_monitor(self: DataSource, snap: Snapshot, s: Settings, t: Timings):
+    "The monitor's report for the champion of this snapshot (drift needs the registry's champion: skipped without one)."
+    ch = snap.champion if snap.champion.get('state') == 'ok' else {}
+    snap.monitor = t('monitor', self.monitor.get, self.engine, s, ch.get('version'))
+
 # %% ../nbs/16_dashboard_data.ipynb #ae0fbba8
 def judge(snap: Snapshot) -> Snapshot:
     "Set `state` and `message` of a snapshot with figures: *no data yet*, *no live scorer*, or *ok*."
@@ -379,7 +417,7 @@ def judge(snap: Snapshot) -> Snapshot:
 # %% ../nbs/16_dashboard_data.ipynb #f622705e
 @patch
 def snapshot(self: DataSource, window: str = '5 min', now: datetime | None = None, registry: bool = True) -> Snapshot:
-    "Every figure of one refresh; `now` pins the clock (examples), `registry=False` skips MLflow and the alerts topic."
+    "Every figure of one refresh; `now` pins the clock (examples), `registry=False` skips MLflow, the alerts topic and the monitor."
     try: s = self.settings()
     except Exception as e: return Snapshot('error', f'configuration error: {e}', window=window)
     if not s.database_url:
@@ -397,6 +435,6 @@ def snapshot(self: DataSource, window: str = '5 min', now: datetime | None = Non
         if self.engine is not None: self.engine.dispose()
         self._reset(); self._settings = None
         return failure_snapshot(e, s, window)
-    if registry: self._add_reasons(snap, s, t)
+    if registry: self._add_reasons(snap, s, t); self._add_monitor(snap, s, t)
     snap.timings = t
     return judge(snap)

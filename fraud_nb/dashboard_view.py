@@ -17,8 +17,9 @@ from .dashboard_format import fmt_int, fmt_pct, fmt_ms, fmt_num, fmt_time, esc, 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CSS', 'CHARTS', 'TITLES', 'render_header', 'diff_text', 'evidence_text', 'render_tiles', 'render_scorers',
-           'render_alerts', 'report_link', 'render_runs', 'chart_data', 'Charts', 'Dashboard']
+__all__ = ['log', 'CSS', 'CHARTS', 'TITLES', 'drift_banner', 'render_header', 'diff_text', 'evidence_text', 'render_tiles',
+           'render_scorers', 'render_alerts', 'report_link', 'render_runs', 'render_monitor', 'chart_data', 'Charts',
+           'Dashboard']
 
 # %% ../nbs/17_dashboard_view.ipynb #f3071b29
 CSS = '''<style>
@@ -52,11 +53,20 @@ def _banner(snap: Snapshot, stopped: str = '') -> str:
     if stopped: msg += f' — {esc(stopped)}'; level = 'fnb-warn'
     return f'<div class="fnb-banner {level}" data-testid="state" data-value="{esc(snap.state)}">{msg}</div>'
 
-def render_header(snap: Snapshot, stopped: str = '') -> str:
-    "The title, the time of the figures, and the banner."
+def drift_banner(snap: Snapshot) -> str:
+    "A red banner naming what drifted over the monitor's window ('' when nothing did)."
+    m = snap.monitor or {}
+    if not m.get('drifted'): return ''
+    names = ', '.join('score' if n == '__score__' else n for n in m['drifted'])
+    return (f'<div class="fnb-banner fnb-bad" data-testid="drift-banner" data-value="{esc(",".join(m["drifted"]))}"><b>input drift</b> — '
+            f'{esc(names)} drifted from the training data of version {esc(m.get("champion"))} over the last {fmt_duration(m["window_s"])}</div>')
+
+def render_header(snap: Snapshot, stopped: str = '', base_url: str = '/') -> str:
+    "The title, the time of the figures, a link to the analyst's desk, the banner, and the drift banner when something drifted."
     upd = f'updated {fmt_time(snap.at)}' if snap.at else f'checked {datetime.now(timezone.utc).strftime("%H:%M:%S UTC")}'
+    desk = f'<a data-testid="desk-link" href="{esc(base_url)}desk" target="_blank" rel="noopener">analyst\'s desk</a>'
     return (f'{CSS}<div class="fnb"><div class="fnb-head"><h2>fraud_nb — live</h2>'
-            f'<span class="fnb-muted" data-testid="updated">{esc(upd)}</span></div>{_banner(snap, stopped)}</div>')
+            f'<span class="fnb-muted" data-testid="updated">{esc(upd)}</span>{desk}</div>{_banner(snap, stopped)}{drift_banner(snap)}</div>')
 
 # %% ../nbs/17_dashboard_view.ipynb #553d71cd
 def _tile(testid: str, key: str, value: str, sub: str = '', raw=None) -> str:
@@ -215,6 +225,37 @@ def render_runs(snap: Snapshot, base_url: str = '') -> str:
     head = ['run', 'started', 'status', 'trigger', 'labels', 'decision', 'champion (holdout)', 'challenger (holdout)', 'evidence', 's', 'report', 'why']
     return '<div class="fnb"><h3>Retraining runs</h3>' + _table('runs-table', head, rows, {4, 9}, 'no retraining run yet', wrap={8, 11}) + '</div>'
 
+# %% ../nbs/17_dashboard_view.ipynb #e0849869
+_VERDICT_STYLE = {'drifted': 'color:#9b1c1c;font-weight:600', 'watch': 'color:#7a5300;font-weight:600'}
+_QUALITY_HEAD = ['model', 'precision', 'recall', 'average precision', 'matured labels', 'frauds']
+
+def _drift_rows(m: dict) -> list[list[str]]:
+    v = lambda x: f'<span style="{_VERDICT_STYLE.get(x, "")}" data-testid="verdict" data-value="{esc(x)}">{esc(x)}</span>'
+    rows = [[esc(e['name']), fmt_num(e['psi'], 4), fmt_int(e['n']), v(e['verdict'])] for e in m.get('features', [])]
+    return rows + ([['<i>score</i>', fmt_num(m.get('score_psi'), 4), fmt_int(m.get('n')), v(m.get('score_verdict'))]] if rows else [])
+
+def _quality_row(label: str, q: dict | None) -> list[str]:
+    q = q or {}
+    return [label] + [fmt_num(q.get(k), 3) for k in ('precision', 'recall', 'average_precision')] + [fmt_int(q.get('labels')), fmt_int(q.get('frauds'))]
+
+# %% ../nbs/17_dashboard_view.ipynb #3dc64a1e
+def render_monitor(snap: Snapshot) -> str:
+    "Drift (features worst first), live quality per model version and the shadow comparison, from the monitor's report."
+    m = snap.monitor or {}
+    if m.get('state') != 'ok':
+        return f'<div class="fnb"><h3>Monitoring</h3><div class="fnb-muted" data-testid="monitor-state">{esc(m.get("message") or "needs the registry")}</div></div>'
+    out = [f'<h3>Input drift of champion v{esc(m["champion"] or "—")} over the last {fmt_duration(m["window_s"])} (PSI against its training data)</h3>',
+           '<div style="max-height:330px;overflow:auto;display:inline-block">',
+           _table('drift-table', ['feature', 'PSI', 'rows', 'verdict'], _drift_rows(m), {1, 2}, m.get('note') or 'no feature counts in the window yet'),
+           '</div><h3>Live quality per model version (labels matured)</h3>',
+           _table('version-quality', _QUALITY_HEAD, [_quality_row(f'v{esc(q["version"])}', q) for q in m['versions']], {1, 2, 3, 4, 5},
+                  'no matured labels in the window yet')]
+    for s in m['shadow']:
+        out += [f'<h3>Shadow challenger v{esc(s["version"])} and the champion on the same {fmt_int(s["n"])} labelled transactions</h3>',
+                _table('shadow-table', _QUALITY_HEAD, [_quality_row(f'champion (served: v{esc(", v".join(s["served"]))})', s['champion']),
+                                                       _quality_row(f'challenger v{esc(s["version"])}', s['challenger'])], {1, 2, 3, 4, 5})]
+    return '<div class="fnb">' + ''.join(out) + '</div>'
+
 # %% ../nbs/17_dashboard_view.ipynb #03b99ae2
 CHARTS = ('throughput', 'fraud_rate', 'latency', 'scores', 'quality')
 
@@ -335,14 +376,14 @@ class Dashboard:
 # %% ../nbs/17_dashboard_view.ipynb #312d57d5
 @patch
 def _widgets(self: Dashboard, window: str):
-    "Header, tiles, the window switch, the chart grid and the three tables, in one `root` box."
+    "Header, tiles, the window switch, the chart grid, the monitoring panel and the three tables, in one `root` box."
     import ipywidgets as W
-    self.header, self.tiles, self.scorers, self.alerts, self.runs = (W.HTML() for _ in range(5))
+    self.header, self.tiles, self.scorers, self.alerts, self.runs, self.monitor = (W.HTML() for _ in range(6))
     self.window = W.ToggleButtons(options=list(WINDOWS), value=window, description='charts:', style={'button_width': '80px'})
     self.window.observe(lambda ch: self._wake.set(), 'value')   # a new window: refresh now
     self.images = {n: W.Image(format='png', layout=W.Layout(width='100%', object_fit='contain')) for n in CHARTS}
     grid = W.GridBox(list(self.images.values()), layout=W.Layout(grid_template_columns='repeat(auto-fill, minmax(380px, 1fr))', grid_gap='6px'))
-    self.root = W.VBox([self.header, self.tiles, self.window, grid, self.scorers, self.alerts, self.runs], layout=W.Layout(padding='0 8px'))
+    self.root = W.VBox([self.header, self.tiles, self.window, grid, self.monitor, self.scorers, self.alerts, self.runs], layout=W.Layout(padding='0 8px'))
 
 # %% ../nbs/17_dashboard_view.ipynb #451c1a04
 @patch
@@ -352,12 +393,13 @@ def refresh(self: Dashboard, registry: bool = True) -> Snapshot:
         snap = self.source.snapshot(self.window.value, registry=registry)
         if snap.at is None and self.snapshot is not None and self.snapshot.at is not None:
             snap.message += f' Figures below are from {fmt_time(self.snapshot.at)}.'
-            self.header.value = render_header(snap, self.stopped)
+            self.header.value = render_header(snap, self.stopped, self.base_url)
             return snap
         self.snapshot = snap
-        self.header.value, self.tiles.value = render_header(snap, self.stopped), render_tiles(snap)
+        self.header.value, self.tiles.value = render_header(snap, self.stopped, self.base_url), render_tiles(snap)
         if snap.at is not None:
             self.scorers.value, self.alerts.value, self.runs.value = render_scorers(snap), render_alerts(snap), render_runs(snap, self.base_url)
+            self.monitor.value = render_monitor(snap)
             self._draw(snap)
         self.refreshes += 1
         return snap
@@ -379,7 +421,7 @@ def _loop(self: Dashboard):
         while not self._stop.is_set():
             if time.monotonic() - started > self.max_runtime:
                 self.stopped = f'session ended after {fmt_duration(self.max_runtime)}: reload the page'
-                self.header.value = render_header(self.snapshot or Snapshot('ok'), self.stopped)
+                self.header.value = render_header(self.snapshot or Snapshot('ok'), self.stopped, self.base_url)
                 break
             if had_comm and getattr(self.root, 'comm', None) is None: break   # the widgets were closed
             t0 = time.monotonic()

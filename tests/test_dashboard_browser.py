@@ -159,3 +159,36 @@ def test_dashboard_in_a_browser_while_a_stream_is_scored(settings, tmp_path):
         engine.dispose()
         ARTIFACTS.mkdir(exist_ok=True)
         for f in [*logs.glob('*.log'), *tmp_path.glob('dashboard-*.log')]: shutil.copy(f, ARTIFACTS/f'dashboard-browser-{f.name}')
+
+
+def test_dashboard_shows_drift_and_quality_per_version(settings):
+    "Drifted transactions in the champion's rollup: the page shows the drift banner naming them, the drift table worst first, and the desk link."
+    from playwright.sync_api import sync_playwright
+    from fraud_nb.data import synthetic_transactions
+    from fraud_nb.monitor import drift_transactions, DRIFTED_V
+    from test_monitor import champion_with_reference, write_rollup
+    version, model, ref = champion_with_reference(settings)
+    engine = db.make_engine(settings.database_url)
+    dash = None
+    try:
+        write_rollup(engine, version, model, ref, drift_transactions(synthetic_transactions(3000, seed=8, fraud_rate=0.01)))
+        dash, url = start_dashboard(settings, '--orphan-timeout', '20', '--cull-interval', '2')
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={'width': 1400, 'height': 2000})
+            page.goto(url, timeout=60_000)
+            page.wait_for_selector('[data-testid="drift-banner"]', timeout=90_000)
+            named = set(_value(page, 'drift-banner').split(','))
+            assert {'log_amount', *DRIFTED_V} <= named, named
+            assert f'version {version}' in page.inner_text('[data-testid="drift-banner"]')
+            rows = [r.split('\t') for r in page.locator('[data-testid="drift-table"] tr').all_inner_texts()[1:]]
+            assert len(rows) == len(model.features) + 1            # every feature and the score
+            verdicts = [r[3].strip() for r in rows[:-1]]
+            assert verdicts[:len(named - {'__score__'})] == ['drifted'] * len(named - {'__score__'}), rows   # worst first
+            assert page.get_attribute('[data-testid="desk-link"]', 'href').endswith('/desk')
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS/'dashboard-drift.png'), full_page=True)
+            page.goto('about:blank'); page.close(); browser.close()
+    finally:
+        if dash is not None: stop_dashboard(dash)
+        engine.dispose()

@@ -30,8 +30,7 @@ def _reference(X, names, probs) -> dict:
             'score_edges': se, 'score_counts': _bins(se, probs).tolist()}
 
 
-@pytest.fixture
-def champion(settings):
+def champion_with_reference(settings):
     "A small champion with its training reference logged as reference.json; returns (version, model, reference)."
     tr, va, _ = time_split(synthetic_transactions(20_000, seed=3, fraud_rate=0.01))
     model = train_model(tr, va, n_estimators=30, seed=3)
@@ -46,7 +45,11 @@ def champion(settings):
     return version, model, ref
 
 
-def _write_rollup(engine, version, model, ref, df):
+@pytest.fixture
+def champion(settings): return champion_with_reference(settings)
+
+
+def write_rollup(engine, version, model, ref, df):
     "The scorer's per-minute rollup rows for the transactions of `df`, in the current minute (added to what is there)."
     X = make_features(df)
     p = model.predict_proba_features(X)
@@ -70,19 +73,19 @@ def test_stable_stream_then_drifted_transactions(settings, champion):
     eng = db.make_engine(settings.database_url)
     try:
         # too few transactions: no verdict at all, not noise
-        _write_rollup(eng, version, model, ref, synthetic_transactions(200, seed=7, fraud_rate=0.01))
+        write_rollup(eng, version, model, ref, synthetic_transactions(200, seed=7, fraud_rate=0.01))
         r = monitor.monitor_report(eng, settings, 3600)
         assert r['champion'] == version and {e['verdict'] for e in r['features']} == {'too few'}, r['features']
         # a stream from the training distribution: every feature stable
         _clear(eng)
-        _write_rollup(eng, version, model, ref, synthetic_transactions(3000, seed=7, fraud_rate=0.01))
+        write_rollup(eng, version, model, ref, synthetic_transactions(3000, seed=7, fraud_rate=0.01))
         r = monitor.monitor_report(eng, settings, 3600)
         assert r['n'] == 3000 and len(r['features']) == len(model.features)
         assert {e['name']: e['verdict'] for e in r['features'] if e['verdict'] not in ('stable', 'seasonal')} == {}, r['features']
         assert r['score_verdict'] == 'stable' and r['drifted'] == []
         # drifted transactions, one window: the drifted features are named, worst first, and the rest stay stable
         _clear(eng)
-        _write_rollup(eng, version, model, ref, monitor.drift_transactions(synthetic_transactions(3000, seed=8, fraud_rate=0.01)))
+        write_rollup(eng, version, model, ref, monitor.drift_transactions(synthetic_transactions(3000, seed=8, fraud_rate=0.01)))
         r = monitor.monitor_report(eng, settings, 3600)
         named = set(r['drifted'])
         assert DRIFTED <= named, r['features']
