@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #bdedeb9c
 from __future__ import annotations
-import os, re
+import os, re, zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,11 +14,11 @@ import pandas as pd
 from .config import UserError
 
 # %% auto #0
-__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'SPLIT', 'KINDS', 'CREDITCARD', 'GENERATORS', 'RAW_EVENT_COLUMNS', 'RAW_VALID_DAYS',
-           'RAW_EVENTS_KIND', 'DAY_GENERATORS', 'PARTS', 'SIMULATED_DEFAULT', 'DataValidationError', 'NoDatasetError',
-           'load_transactions', 'find_dataset', 'synthetic_transactions', 'time_split', 'DatasetKind', 'register_kind',
-           'kind_of', 'load_raw_events', 'raw_event_parts', 'raw_part_text', 'simulated_events', 'split_parts',
-           'part_text', 'DatasetSource', 'dataset_source']
+__all__ = ['RAW_COLUMNS', 'LABEL', 'COLUMNS', 'UNREADABLE', 'SPLIT', 'KINDS', 'CREDITCARD', 'GENERATORS', 'RAW_EVENT_COLUMNS',
+           'RAW_VALID_DAYS', 'RAW_EVENTS_KIND', 'DAY_GENERATORS', 'PARTS', 'SIMULATED_DEFAULT', 'DataValidationError',
+           'NoDatasetError', 'load_transactions', 'find_dataset', 'synthetic_transactions', 'time_split', 'DatasetKind',
+           'register_kind', 'kind_of', 'load_raw_events', 'raw_event_parts', 'raw_part_text', 'simulated_events',
+           'split_parts', 'part_text', 'DatasetSource', 'TimeParts', 'dataset_source']
 
 # %% ../nbs/01_data.ipynb #748ad9d5
 RAW_COLUMNS: list[str] = ['Time'] + [f'V{i}' for i in range(1, 29)] + ['Amount']
@@ -40,7 +40,7 @@ def _first_row(mask) -> int:
 def _check_numeric(df: pd.DataFrame, path) -> pd.DataFrame:
     "Every column numeric and finite, `Class` in {0, 1}; raise `DataValidationError` at the first problem."
     out = {}
-    for col in COLUMNS:
+    for col in [c for c in COLUMNS if c in df.columns]:
         s = df[col]
         if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
             num = pd.to_numeric(s, errors='coerce')
@@ -55,24 +55,26 @@ def _check_numeric(df: pd.DataFrame, path) -> pd.DataFrame:
             r = _first_row(~np.isfinite(v))
             raise DataValidationError(f'{path}: column {col!r} has a non-finite value {float(v[r-1])!r} in row {r}')
         out[col] = v
-    bad = (out[LABEL] != 0) & (out[LABEL] != 1)
+    bad = (out[LABEL] != 0) & (out[LABEL] != 1) if LABEL in out else np.zeros(0, bool)
     if bad.any():
         r = _first_row(bad)
         raise DataValidationError(f'{path}: column {LABEL!r} must be 0 or 1, found {out[LABEL][r-1]:g} in row {r}')
     res = pd.DataFrame({c: out[c] for c in RAW_COLUMNS})
-    res[LABEL] = out[LABEL].astype(np.int64)
+    if LABEL in out: res[LABEL] = out[LABEL].astype(np.int64)
     return res
 
 # %% ../nbs/01_data.ipynb #138d78fc
-def load_transactions(path) -> pd.DataFrame:
-    "Read a creditcard CSV (`.csv` or `.csv.gz`) and validate it; raise `DataValidationError` naming the problem, column and first bad row."
+UNREADABLE = (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error)   # a damaged file, e.g. a truncated .gz
+
+def load_transactions(path, labels: bool = True) -> pd.DataFrame:
+    "Read a creditcard CSV (`.csv` or `.csv.gz`) and validate it; raise `DataValidationError` naming the problem, column and first bad row. `labels=False`: `Class` may be absent."
     path = Path(path)
     if not path.exists(): raise NoDatasetError(f'no transactions file at {path}')
     try: df = pd.read_csv(path, low_memory=False)
     except pd.errors.EmptyDataError: raise DataValidationError(f'{path}: the file is empty') from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e: raise DataValidationError(f'{path}: not a readable CSV ({e})') from None
+    except UNREADABLE as e: raise DataValidationError(f'{path}: not a readable CSV{" (.gz)" if path.suffix == ".gz" else ""}: {e}') from None
     cols = [str(c) for c in df.columns]
-    missing = [c for c in COLUMNS if c not in cols]
+    missing = [c for c in (COLUMNS if labels else RAW_COLUMNS) if c not in cols]
     extra = [c for c in cols if c not in COLUMNS]
     if missing or extra:
         parts = []
@@ -202,7 +204,7 @@ def kind_of(path) -> DatasetKind:
     path = Path(path)
     if not path.is_file(): raise NoDatasetError(f'no dataset file at {path}')
     try: header = set(map(str, _header(path)))
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError): return CREDITCARD
+    except (pd.errors.EmptyDataError, *UNREADABLE, ValueError): return CREDITCARD   # its loader then says what is wrong
     return max(KINDS.values(), key=lambda k: len(header & set(k.columns)))
 
 # %% ../nbs/01_data.ipynb #15af26ca
@@ -215,7 +217,7 @@ def _read_any(path: Path) -> pd.DataFrame:
     "A CSV (`.csv`, `.csv.gz`) or Parquet file as a frame; unreadable files are a `DataValidationError`."
     try: return pd.read_parquet(path) if path.suffix == '.parquet' else pd.read_csv(path, low_memory=False, dtype={c: str for c in ('tx_id', 'card_id', 'terminal_id', 'event_time')})
     except pd.errors.EmptyDataError: raise DataValidationError(f'{path}: the file is empty') from None
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError, ValueError) as e:
+    except (*UNREADABLE, ValueError) as e:
         raise DataValidationError(f'{path}: not a readable {"Parquet" if path.suffix == ".parquet" else "CSV"} file ({e})') from None
 
 # %% ../nbs/01_data.ipynb #48f73a89
@@ -239,8 +241,8 @@ def _check_time(df: pd.DataFrame, path) -> None:
 
 # %% ../nbs/01_data.ipynb #cfe20aed
 def _check_amount_label(df: pd.DataFrame, path) -> None:
-    "`amount` finite and >= 0, `Class` 0 or 1."
-    for col in ('amount', LABEL):
+    "`amount` finite and >= 0, `Class` (if present) 0 or 1."
+    for col in [c for c in ('amount', LABEL) if c in df.columns]:
         v = pd.to_numeric(df[col], errors='coerce').to_numpy(np.float64)
         if np.isnan(v).any():
             r = _first_row(np.isnan(v)); raw = df[col].iloc[r-1]
@@ -252,12 +254,12 @@ def _check_amount_label(df: pd.DataFrame, path) -> None:
         df[col] = v if col == 'amount' else v.astype(np.int64)
 
 # %% ../nbs/01_data.ipynb #21d72091
-def load_raw_events(path) -> pd.DataFrame:
-    "Read a raw-event file (CSV or Parquet), validate it, return it in time order; errors name the column, row and problem."
+def load_raw_events(path, labels: bool = True) -> pd.DataFrame:
+    "Read a raw-event file (CSV or Parquet), validate it, return it in time order; errors name the column, row and problem. `labels=False`: `Class` may be absent."
     path = Path(path)
     if not path.is_file(): raise NoDatasetError(f'no raw-event file at {path}')
     df = _read_any(path)
-    missing = [c for c in RAW_EVENT_COLUMNS if c not in map(str, df.columns)]
+    missing = [c for c in RAW_EVENT_COLUMNS if c not in map(str, df.columns) and (labels or c != LABEL)]
     if missing: raise DataValidationError(f'{path}: header: missing column(s) {", ".join(map(repr, missing))}; a raw-event file has {", ".join(RAW_EVENT_COLUMNS)} (extra columns allowed)')
     if len(df) == 0: raise DataValidationError(f'{path}: the file has a header but no rows')
     _check_ids(df, path); _check_time(df, path); _check_amount_label(df, path)
@@ -370,6 +372,20 @@ def from_tag(cls: DatasetSource, tag: str) -> DatasetSource:
     options = dict(o.split('=', 1) for o in m[4].split(':')[1:])
     return cls.generated(int(m[2]), int(m[3]), m[1], **{k: _value(v) for k, v in options.items()})
 
+# %% ../nbs/01_data.ipynb #88a36407
+class TimeParts(dict):
+    "The parts of `split_parts`; using 'train' or 'valid' without a fraud in it raises a `DataValidationError` that explains the split."
+    def __init__(self, parts: dict, source): super().__init__(parts); self.source = source
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        part = super().__getitem__(name)
+        if name in ('train', 'valid') and LABEL in part.columns and part[LABEL].sum() == 0:
+            t, n = part[self.source.kind.time], len(dict.__getitem__(self, 'all'))
+            frauds = int(dict.__getitem__(self, 'all')[LABEL].sum()) if LABEL in part.columns else 0
+            raise DataValidationError(f'{self.source}: the {"training" if name == "train" else "validation"} part ({len(part):,} of {n:,} rows, '
+                f'Time {t.min():g}..{t.max():g}) has no frauds, and the file has {frauds:,} in all; the split is by time: the first '
+                f'{SPLIT[0]:.0%} of rows train, the next {SPLIT[1]:.0%} validate, the last {SPLIT[2]:.0%} test, so each part needs frauds')
+        return part
+
 # %% ../nbs/01_data.ipynb #a34c38c4
 @patch(as_prop=True)
 def kind(self: DatasetSource) -> DatasetKind:
@@ -377,18 +393,18 @@ def kind(self: DatasetSource) -> DatasetKind:
     return kind_of(self.path) if self.path is not None else GENERATORS[self.generator][0]
 
 @patch
-def load(self: DatasetSource, part: str = 'all') -> pd.DataFrame:
-    "The dataset, or one of its parts by time: 'train', 'valid', 'test', 'history' (train + valid), 'unseen' (= test)."
+def load(self: DatasetSource, part: str = 'all', labels: bool = True) -> pd.DataFrame:
+    "The dataset, or one of its parts by time: 'train', 'valid', 'test', 'history' (train + valid), 'unseen' (= test). `labels=False`: a file may lack `Class`."
     if part not in PARTS: raise ValueError(f'unknown part {part!r}; known: {", ".join(PARTS)}')
-    if part != 'all': return self.parts()[part]
-    if self.path is not None: return self.kind.load(self.path)
+    if part != 'all': return self.parts(labels)[part]
+    if self.path is not None: return self.kind.load(self.path) if labels else self.kind.load(self.path, labels=False)
     return GENERATORS[self.generator][1](self.n, seed=self.seed, **dict(self.options))
 
 @patch
-def parts(self: DatasetSource) -> dict[str, pd.DataFrame]:
-    "Every part at once (the kind's split, else `split_parts`), reading the data once."
+def parts(self: DatasetSource, labels: bool = True) -> dict[str, pd.DataFrame]:
+    "Every part at once (the kind's split, else `split_parts`), reading the data once; training parts without frauds are refused when used."
     k = self.kind
-    return k.split(self.load(), self) if k.split else split_parts(self.load(), k.time)
+    return k.split(self.load(), self) if k.split else TimeParts(split_parts(self.load(labels=labels), k.time), self)
 
 # %% ../nbs/01_data.ipynb #4687cb65
 @patch

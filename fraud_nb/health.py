@@ -13,7 +13,8 @@ from . import db
 from .procs import find_process, port_owner, describe_owner
 
 # %% auto #0
-__all__ = ['kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem', 'label_sink_problem', 'dashboard_problem']
+__all__ = ['kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem', 'label_sink_problem', 'dashboard_problem',
+           'group_lag', 'unconsumed']
 
 # %% ../nbs/10b_health.ipynb #dd8352be
 def kafka_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -76,3 +77,22 @@ def dashboard_problem(s: Settings, p: psutil.Process) -> str | None:
     with urllib.request.urlopen(f'http://{s.host}:{s.dashboard_port}/healthz', timeout=3) as r:
         body = json.loads(r.read())
     return None if body.get('ok') and 'max_kernels' in body else f'/healthz answered {body!r}'
+
+# %% ../nbs/10b_health.ipynb #5878d788
+def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> int | None:
+    "Messages of `topic` that consumer group `group` has not committed yet; None when the broker cannot tell."
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({'bootstrap.servers': bootstrap, 'group.id': group, 'enable.auto.commit': False, 'log_level': 2})
+    try:
+        md = c.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or md.error is not None: return None
+        committed = c.committed([TopicPartition(topic, p) for p in md.partitions], timeout=timeout)
+        ends = [c.get_watermark_offsets(tp, timeout=timeout) for tp in committed]
+        return int(sum(hi - (tp.offset if tp.offset >= 0 else lo) for tp, (lo, hi) in zip(committed, ends)))
+    except Exception: return None
+    finally: c.close()
+
+def unconsumed(s: Settings) -> dict[str, int | None]:
+    "Transactions not yet scored and labels not yet stored, as the broker counts them (None: unknown)."
+    return {'transactions': group_lag(s.kafka_bootstrap, s.scorer_group, s.topic_transactions),
+            'labels': group_lag(s.kafka_bootstrap, s.labels_group, s.topic_labels)}

