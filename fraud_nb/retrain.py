@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_retrain.ipynb #ae167943
 from __future__ import annotations
-import json, logging, os, re, signal, time, uuid
+import contextlib, json, logging, os, re, signal, threading, time, uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,11 +23,13 @@ from .pg import RETRAIN_LOCK   # one retraining run at a time, across machines
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TRAIN_END_TAG', 'SECRET_ENV', 'THREAD_VARS', 'last_watermark', 'labels_since', 'labelled_stream',
-           'historical_source', 'historical_training_set', 'champion_training_end', 'split_run', 'train_end_of',
-           'parts_summary', 'look_at', 'judge', 'evidence', 'evidence_tags', 'secrets_of', 'redact', 'redact_file',
-           'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env', 'kernel_manager', 'template_path',
-           'render_html', 'RunOutcome', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop',
+__all__ = ['log', 'TRAIN_END_TAG', 'SECRET_ENV', 'THREAD_VARS', 'INTERRUPTED', 'STALE_ERROR', 'last_watermark', 'labels_since',
+           'labelled_stream', 'historical_source', 'historical_training_set', 'champion_training_end', 'split_run',
+           'train_end_of', 'parts_summary', 'look_at', 'judge', 'evidence', 'evidence_tags', 'secrets_of', 'redact',
+           'redact_file', 'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env', 'kernel_manager',
+           'template_path', 'render_html', 'RunOutcome', 'Interrupter', 'commit_marker', 'begin_commit',
+           'interruption_text', 'interruptible', 'mark_interrupted', 'repair_stale_runs', 'repair_at_start',
+           'queue_message', 'take_lock', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop',
            'retrainer_main', 'retrain_main']
 
 # %% ../nbs/15_retrain.ipynb #a5e5ee54
@@ -205,15 +207,17 @@ def kernel_env(settings: Settings, base: dict | None = None) -> dict[str, str]:
     return env
 
 # %% ../nbs/15_retrain.ipynb #ef20e460
-def kernel_manager(env: dict, nice: int) -> type:
-    "A kernel manager class for papermill whose kernels start with `env` at niceness `nice` (or higher, if inherited)."
+def kernel_manager(env: dict, nice: int, on_start=None) -> type:
+    "A kernel manager class for papermill whose kernels start with `env` at niceness `nice` (or higher); `on_start(pid)` hears of each."
     from jupyter_client.manager import AsyncKernelManager
     def lower(): os.setpriority(os.PRIO_PROCESS, 0, max(nice, os.getpriority(os.PRIO_PROCESS, 0)))
     class RetrainKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw['env'] = {**env, **{k: v for k, v in (kw.get('env') or {}).items() if k.startswith('JPY')}}
             if nice > 0: kw['preexec_fn'] = lower
-            return await super().start_kernel(**kw)
+            started = await super().start_kernel(**kw)
+            if on_start is not None: on_start(self.provisioner.pid)
+            return started
     return RetrainKernelManager
 
 # %% ../nbs/15_retrain.ipynb #bc49272c
@@ -245,6 +249,10 @@ class RunOutcome:
     result: dict = field(default_factory=dict)
     error: str | None = None
     duration_s: float = 0.0
+    @property
+    def interrupted(self) -> bool: return (self.error or '').startswith(INTERRUPTED)
+
+INTERRUPTED = 'interrupted'   # the first word of the error of a run stopped before it finished
 
 def _record(engine, sql, **params):
     with engine.begin() as c: c.execute(sa.text(sql), params)
@@ -261,11 +269,14 @@ def _new_run(engine: sa.Engine, settings: Settings, trigger: str, run_id: str) -
     return out, dict(label_watermark=watermark, run_id=run_id, result_path=str(out.with_suffix('.json')))
 
 # %% ../nbs/15_retrain.ipynb #7a68e12b
-def _execute(out: Path, params: dict, template: Path | None, timeout_s: float, settings: Settings = Settings()) -> RunOutcome:
+def _execute(out: Path, params: dict, template: Path | None, timeout_s: float, settings: Settings = Settings(),
+             stopper: Interrupter | None = None) -> RunOutcome:
     "Run the template with papermill into `out`: the outcome from its result file, or the error; redacted, with the HTML rendering."
     import papermill as pm
     outcome, secrets = RunOutcome(params['run_id'], 'failed', report_ipynb=out), secrets_of(settings)
-    km = kernel_manager(kernel_env(settings), retrain_nice(settings))
+    stopper = stopper or Interrupter()
+    stopper.committing = commit_marker(params['result_path'])
+    km = kernel_manager(kernel_env(settings), retrain_nice(settings), on_start=stopper.kernel_started)
     masking = RedactingFilter(secrets)     # on papermill's loggers and on every handler of the root logger
     loggers = [logging.getLogger(n) for n in ('papermill', 'nbclient', 'traitlets')] + list(logging.getLogger().handlers)
     for lg in loggers: lg.addFilter(masking)
@@ -276,11 +287,15 @@ def _execute(out: Path, params: dict, template: Path | None, timeout_s: float, s
         outcome.status, outcome.decision, outcome.reason = 'succeeded', outcome.result['decision'], outcome.result['reason']
     except Exception as e:
         outcome.error = redact(f'{type(e).__name__}: {e}', secrets)[:4000]
+        if stopper.signum is not None:
+            outcome.error = f'{interruption_text(stopper.signum)} after {stopper.elapsed():.0f} s; partial report kept, marked'
+            mark_interrupted(out, outcome.error)
         log.error('retraining run %s failed: %s', outcome.run_id, outcome.error)
     finally:
         for lg in loggers: lg.removeFilter(masking)
+        commit_marker(params['result_path']).unlink(missing_ok=True)
     for p in (out, Path(params['result_path'])): redact_file(p, secrets)
-    if out.exists():
+    if out.exists() and not outcome.interrupted:   # an interrupted run stops now; its HTML comes at the next start
         try: outcome.report_html = render_html(out); redact_file(outcome.report_html, secrets)
         except Exception as e: log.warning('could not render %s: %s', out, redact(str(e), secrets))
     return outcome
@@ -304,23 +319,150 @@ def _finish_run(engine: sa.Engine, outcome: RunOutcome):
             nm=dump(nm), h=str(outcome.report_html) if outcome.report_html else None, dur=outcome.duration_s)
     if ev: _record(engine, 'UPDATE retrain_runs SET evidence = :ev WHERE run_id = :r', ev=json.dumps(ev), r=outcome.run_id)
 
+# %% ../nbs/15_retrain.ipynb #322dd032
+class Interrupter:
+    "Ends a retraining kernel on a signal by killing its process group, unless the notebook is committing its result."
+    def __init__(self): self.signum, self.kernels, self.committing, self.t0 = None, [], None, time.monotonic()
+    def elapsed(self) -> float: return time.monotonic() - self.t0
+    def kernel_started(self, pid: int):
+        self.kernels.append(pid)
+        if self.signum is not None: self.kill()
+    def kill(self):
+        if self.committing is not None and Path(self.committing).exists(): return   # registering: let it finish
+        for pid in self.kernels:
+            with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(pid, signal.SIGKILL)
+    def __call__(self, signum, frame=None): self.signum = signum; self.kill()
+
+def commit_marker(result_path) -> Path:
+    "The file the notebook creates before it registers and promotes (`begin_commit`): no killing from then on."
+    return Path(f'{result_path}.committing')
+
+def begin_commit(result_path: str):
+    "Called by the notebook right before it registers the challenger."
+    if result_path: commit_marker(result_path).touch()
+
+# %% ../nbs/15_retrain.ipynb #bdf98ca1
+def interruption_text(signum: int) -> str:
+    "The error of a run ended by `signum`."
+    return f"{INTERRUPTED} by {'fraud-nb down' if signum == signal.SIGTERM else 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}"
+
+@contextlib.contextmanager
+def interruptible():
+    "While a run executes: SIGTERM/SIGINT end its kernel (an `Interrupter`), then reach the handlers installed before (Python ones)."
+    stopper = Interrupter()
+    if threading.current_thread() is not threading.main_thread(): yield stopper; return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    def handler(signum, frame):
+        stopper(signum, frame)
+        prev = old[signum]
+        if callable(prev) and prev is not signal.default_int_handler: prev(signum, frame)   # e.g. the service's stop flag
+    for s in old: signal.signal(s, handler)
+    try: yield stopper
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+
+# %% ../nbs/15_retrain.ipynb #c1b7ceb4
+def mark_interrupted(ipynb: Path, why: str) -> bool:
+    "Put a banner on top of a partial report saying what stopped it; False if there is no report."
+    import nbformat
+    p = Path(ipynb)
+    if not p.is_file(): return False
+    nb = nbformat.read(p, as_version=4)
+    if nb.cells and nb.cells[0].metadata.get('fraud_nb') == 'interrupted': return True
+    cell = nbformat.v4.new_markdown_cell(f'> **Interrupted — this report is partial.** {why}. The run stopped before it '
+                                         'finished: the figures below are incomplete, no decision was taken from them.')
+    cell.metadata['fraud_nb'] = 'interrupted'
+    nb.cells.insert(0, cell); nbformat.write(nb, p)
+    return True
+
+# %% ../nbs/15_retrain.ipynb #6ea27bd9
+STALE_ERROR = f'{INTERRUPTED}: the retrainer stopped before this run finished (closed at the next start)'
+
+def repair_stale_runs(engine: sa.Engine) -> list[str]:
+    "Close `running` runs as interrupted, mark their reports, render interrupted reports to HTML; only while holding the lock."
+    with engine.begin() as c:
+        rows = c.execute(sa.text("""UPDATE retrain_runs SET status = 'failed', finished_at = now(), error = :e
+                                    WHERE status = 'running' RETURNING run_id, report_ipynb"""), {'e': STALE_ERROR}).all()
+        unrendered = c.execute(sa.text("""SELECT run_id, report_ipynb, error FROM retrain_runs WHERE status = 'failed'
+                                          AND error LIKE :i AND report_html IS NULL AND report_ipynb IS NOT NULL"""), {'i': f'{INTERRUPTED}%'}).all()
+    for r in unrendered:
+        if mark_interrupted(Path(r.report_ipynb), r.error):
+            with contextlib.suppress(Exception):
+                _record(engine, 'UPDATE retrain_runs SET report_html = :h WHERE run_id = :r', h=str(render_html(Path(r.report_ipynb))), r=r.run_id)
+    return [r.run_id for r in rows]
+
+def repair_at_start(engine: sa.Engine) -> list[str]:
+    "At a retrainer's start: take the lock if it is free, repair, let it go (a live run elsewhere keeps its row)."
+    with engine.connect() as c:
+        if not c.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar(): return []
+        try: return repair_stale_runs(engine)
+        finally: c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': RETRAIN_LOCK}); c.commit()
+
+# %% ../nbs/15_retrain.ipynb #8f77cd00
+def queue_message(current: dict | None, typical_s: float | None, now: datetime, wait_s: float) -> str:
+    "What a run waiting for the lock tells its user."
+    if current is None: return f'another retraining run holds the lock; waiting for it (at most {wait_s:.0f} s)'
+    since = (now - current['started_at']).total_seconds()
+    msg = f"run {current['run_id']} ({current['trigger']}) is in progress since {current['started_at']:%H:%M:%S} UTC ({since:.0f} s ago)"
+    if typical_s:
+        eta = current['started_at'] + pd.Timedelta(seconds=typical_s)
+        msg += f'; runs here take about {typical_s:.0f} s, so yours should start ' + (f'at about {eta:%H:%M:%S} UTC' if eta > now else 'soon')
+    return msg + f'. Waiting for it (at most {wait_s:.0f} s; Ctrl-C gives up).'
+
+# %% ../nbs/15_retrain.ipynb #f6850c66
+def _in_progress(engine: sa.Engine) -> tuple[dict | None, float | None]:
+    with engine.connect() as c:
+        cur = c.execute(sa.text("SELECT run_id, trigger, started_at FROM retrain_runs WHERE status = 'running' ORDER BY started_at DESC LIMIT 1")).first()
+        typical = c.execute(sa.text("""SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s) FROM (SELECT duration_s FROM retrain_runs
+                                       WHERE status = 'succeeded' AND duration_s IS NOT NULL ORDER BY started_at DESC LIMIT 5) t""")).scalar()
+    return (dict(cur._mapping) if cur else None), typical
+
+def _wait_lock(conn: sa.Connection, engine: sa.Engine, wait_s: float) -> bool:
+    "Block on the lock in a thread (so Ctrl-C reaches the main thread); on Ctrl-C the waiting query is cancelled."
+    pid, got = conn.execute(sa.text('SELECT pg_backend_pid()')).scalar(), {}
+    def take():
+        try:
+            conn.execute(sa.text("SELECT set_config('lock_timeout', :ms, true)"), {'ms': f'{int(wait_s * 1000)}ms'})
+            conn.execute(sa.text('SELECT pg_advisory_lock(:k)'), {'k': RETRAIN_LOCK}); got['ok'] = True
+        except Exception as e: got['error'] = e
+    t = threading.Thread(target=take, daemon=True); t.start()
+    try:
+        while t.is_alive(): t.join(0.5)
+    except BaseException:
+        with engine.connect() as c: c.execute(sa.text('SELECT pg_cancel_backend(:p)'), {'p': pid})
+        t.join(10); raise
+    if 'error' in got: conn.rollback()
+    return bool(got.get('ok'))
+
+def take_lock(conn: sa.Connection, engine: sa.Engine, wait_s: float = 0, say=log.info) -> bool:
+    "The retraining lock on `conn`: at once, or after waiting in line up to `wait_s` (saying what for)."
+    if conn.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar(): return True
+    if wait_s <= 0: return False
+    say(queue_message(*_in_progress(engine), datetime.now(timezone.utc), wait_s))
+    return _wait_lock(conn, engine, wait_s)
+
 # %% ../nbs/15_retrain.ipynb #5b5e704f
 def run_retraining(settings: Settings, *, trigger: str = 'manual', parameters: dict | None = None,
-                   timeout_s: float = 1800, template: Path | None = None) -> RunOutcome:
-    "Run the retraining notebook once (if no other run holds the lock) and record it in `retrain_runs`."
+                   timeout_s: float = 1800, template: Path | None = None, wait_s: float = 0, say=log.info) -> RunOutcome:
+    "Run the retraining notebook once (queueing up to `wait_s` behind a running run; 0: skip) and record it in `retrain_runs`."
     require(settings, 'database_url', 'mlflow_tracking_uri')
     engine = db.make_engine(settings.database_url)
-    run_id, started = uuid.uuid4().hex[:8], time.monotonic()
+    run_id = uuid.uuid4().hex[:8]
     try:
         with engine.connect() as lock_conn:
-            if not lock_conn.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar():
-                return RunOutcome(run_id, 'skipped', reason='another retraining run holds the lock')
+            if not take_lock(lock_conn, engine, wait_s, say):
+                return RunOutcome(run_id, 'skipped', reason='another retraining run holds the lock'
+                                  + (f' (waited {wait_s:.0f} s)' if wait_s else ''))
             try:
+                started = time.monotonic()
+                repair_stale_runs(engine)
                 out, params = _new_run(engine, settings, trigger, run_id)
-                outcome = _execute(out, {**params, **(parameters or {})}, template, timeout_s, settings)
-                outcome.duration_s = time.monotonic() - started
-                _finish_run(engine, outcome)
-                _log_report(settings, outcome)
+                say(f'run {run_id} started (report {out.with_suffix(".html")})')
+                with interruptible() as stopper:
+                    outcome = _execute(out, {**params, **(parameters or {})}, template, timeout_s, settings, stopper)
+                    outcome.duration_s = time.monotonic() - started
+                    _finish_run(engine, outcome)
+                if not outcome.interrupted: _log_report(settings, outcome)
                 return outcome
             finally:
                 lock_conn.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': RETRAIN_LOCK}); lock_conn.commit()
@@ -354,6 +496,8 @@ def retrainer_loop(settings: Settings, *, max_runs: int | None = None, stop=lamb
     "Watch the label count and retrain past the threshold; return the runs done (bounded by `max_runs` and `stop()`)."
     engine = db.make_engine(require(settings, 'database_url').database_url)
     db.migrate(engine)
+    repaired = repair_at_start(engine)
+    if repaired: log.warning('closed %d run(s) left running by a retrainer that stopped: %s', len(repaired), ', '.join(repaired))
     runs, failures, wait_until = [], 0, 0.0
     try:
         while not stop() and (max_runs is None or len(runs) < max_runs):
@@ -380,7 +524,7 @@ def _retrainer(a) -> int:
     settings = get_settings()
     os.setpriority(os.PRIO_PROCESS, 0, max(retrain_nice(settings), os.getpriority(os.PRIO_PROCESS, 0)))  # the service and its runs
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stopping.append(1))   # a run in progress is ended too
     log.info('retrainer: retraining after %d new labels, checking every %.0f s', settings.retrain_min_labels, settings.retrain_poll_s)
     retrainer_loop(settings, stop=lambda: bool(stopping))
 
@@ -390,13 +534,14 @@ def retrainer_main(argv: list[str]) -> int:
 
 # %% ../nbs/15_retrain.ipynb #e6df002d
 def _retrain_now(a) -> int:
-    o = run_retraining(get_settings(), trigger='manual')
+    o = run_retraining(get_settings(), trigger='manual', wait_s=a.wait_s, say=lambda m: print(m, flush=True))
     print(f'run {o.run_id}: {o.status}' + (f' — {redact(o.reason)}' if o.reason else '') + (f' — {redact(o.error)}' if o.error else ''))
     if o.report_html: print(f'report: {o.report_html}')
-    return 0 if o.status == 'succeeded' else 1
+    return 0 if o.status == 'succeeded' else 130 if o.interrupted else 1
 
 def retrain_main(argv: list[str]) -> int:
     "`fraud-nb retrain --now`: one run by hand, whatever the label count."
     p = command_parser('retrain', 'run one retraining now')
     p.add_argument('--now', action='store_true', required=True, help='run now, whatever the number of new labels')
+    p.add_argument('--wait-s', type=float, default=3600, help='how long to queue behind a run in progress (0: give up at once)')
     return run_command(p, argv, _retrain_now)
