@@ -268,12 +268,15 @@ def _history_handlers(DeskHandler, PostHandler):
 
 # %% ../nbs/23_desk_web.ipynb #be0b3745
 def desk_handlers(settings: Settings, base: str = '/desk') -> list[tuple]:
-    "The desk's routes under `base`, sharing one `Desk`; publishes pending decisions once at start."
+    "The desk's routes under `base`, sharing one `Desk`; publishes pending decisions at start and every `PUBLISH_EVERY` s."
     desk = Desk(settings, base)
     DeskHandler, PostHandler = handler_classes()
     routes = [('', _queue_handler(DeskHandler)), ('/decide', _decide_handler(PostHandler))]
     routes += list(zip(('/login', '/logout'), _session_handlers(PostHandler)))
     routes += list(zip(('/history', '/rollback'), _history_handlers(DeskHandler, PostHandler)))
-    if desk.engine is not None: desk.maybe_publish()
+    if desk.engine is not None:
+        from tornado.ioloop import PeriodicCallback
+        desk.maybe_publish()
+        desk.periodic = PeriodicCallback(desk.maybe_publish, PUBLISH_EVERY * 1000); desk.periodic.start()
     if not desk.analysts: log.warning('desk: FRAUD_NB_ANALYSTS is empty: nobody can decide alerts (see `fraud-nb analyst new NAME`)')
     return [(desk.base + p, h, {'desk': desk}) for p, h in routes]
