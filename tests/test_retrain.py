@@ -135,8 +135,8 @@ def test_end_to_end_threshold_run_promotion_and_swap(settings, tmp_path):
         procs[name] = subprocess.Popen(fraud_nb_cmd(cmd), env=env, stdout=open(logs[name], 'ab'), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_consuming(logs['scorer'])
-        # an unlabelled stream runs across the whole retrain and swap
-        background = BackgroundProducer(s, 6000, rate=60, seed=11); background.start()
+        # an unlabelled stream runs across the whole retrain and swap (stopped once the new champion has scored a while)
+        background = BackgroundProducer(s, 30000, rate=60, seed=11); background.start()
         # 1,000 labelled transactions, fraud-rich so that the holdout can judge: crosses 600 once, never 1,200
         labelled = synthetic_transactions(1000, seed=12, fraud_rate=0.15)
         summary = Replayer(s, labelled, rate=0, label_delay_s=0).run(progress=False)
@@ -160,14 +160,21 @@ def test_end_to_end_threshold_run_promotion_and_swap(settings, tmp_path):
         ev = evidence_of(run)
         assert ev['promote'] and ev['holdout_frauds'] >= 30 and ev['cost_diff_interval'][1] < 0, ev   # promoted on evidence
         assert tags['fraud_nb.evidence.promote'] == 'true'
+        # the promotion went through the champion history, by the retrainer, with the decision's reason
+        [(actor, frm, to, why)] = query(s, 'SELECT actor, from_version, to_version, reason FROM champion_history ORDER BY id DESC LIMIT 1')
+        assert (actor, frm, to) == ('retrainer', str(v1), str(v2)) and run['run_id'] in why and ev['verdict'][:40] in why, why
         # the scorer picks the new champion up while the stream runs on
-        wait_for(lambda: query(s, 'SELECT 1 FROM scored_transactions WHERE model_version = %s LIMIT 1', (v2,)), 120, 'rows scored by the new champion')
-        background.join(180)
-        assert background.summary is not None and background.summary.delivered == 6000
-        wait_for(lambda: query(s, 'SELECT count(*) FROM scored_transactions')[0][0] >= 7000, 120, 'every transaction scored')
+        wait_for(lambda: query(s, 'SELECT count(*) FROM scored_transactions WHERE model_version = %s', (v2,))[0][0] >= 300, 120,
+                 'rows scored by the new champion')
+        assert background.is_alive(), 'the stream ended before the swap: it did not run across it'
+        background.r.stop_event.set(); background.join(60)
+        assert background.summary is not None and not background.summary.failed
+        sent = background.summary.delivered
+        assert 1000 < sent < 30000, background.summary.line()
+        wait_for(lambda: query(s, 'SELECT count(*) FROM scored_transactions')[0][0] >= 1000 + sent, 120, 'every transaction scored')
         rows = query(s, 'SELECT tx_id, model_version, kafka_partition, kafka_offset FROM scored_transactions')
         bg = [r for r in rows if r[0] in set(background.ids)]
-        assert len(bg) == len({r[0] for r in bg}) == 6000                      # none lost, none twice
+        assert len(bg) == len({r[0] for r in bg}) == sent                      # none lost, none twice
         for p in {r[2] for r in bg}:                                           # per partition: old version, then new, never back
             versions = [r[1] for r in sorted((r for r in bg if r[2] == p), key=lambda r: r[3])]
             switch = versions.index(v2) if v2 in versions else len(versions)
