@@ -95,9 +95,10 @@ def simulate(days: int = 60, customers: int = 5_000, terminals: int = 10_000, se
     sim = Simulator(customers, terminals, seed, start, **kw)
     return pd.concat([sim.next_day() for _ in range(days)], ignore_index=True)
 
-def stream_days(customers: int = 5_000, terminals: int = 10_000, seed: int = 0, start='2026-01-01', **kw):
-    "Yield one day of transactions after another, forever, from one world."
+def stream_days(customers: int = 5_000, terminals: int = 10_000, seed: int = 0, start='2026-01-01', from_day: int = 0, **kw):
+    "Yield one day of transactions after another, forever, from one world; `from_day`: begin after that many days (simulated, not sent)."
     sim = Simulator(customers, terminals, seed, start, **kw)
+    for _ in range(from_day): sim.next_day()   # the world lives through them: same random draws, compromises still running
     while True: yield sim.next_day()
 
 # %% ../nbs/02_simulator.ipynb #60255bbf
