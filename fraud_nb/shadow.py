@@ -51,7 +51,7 @@ def take(self: ShadowWatcher):
         if self.pending is not None and self.pending.version == self.wanted:
             self.current, self.pending = self.pending, None
             self.swaps += 1
-            log.info('shadow scoring with challenger version %s', self.current.version)
+            log.info('challenger version %s taken up for shadow scoring', self.current.version)
         if self.current is not None and self.current.version != self.wanted:
             log.info('the challenger alias left version %s: shadow scoring with it stops', self.current.version)
             self.current = None

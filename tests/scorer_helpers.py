@@ -204,16 +204,21 @@ def finish_stream(settings, prod: BackgroundProducer, proc: subprocess.Popen, lo
     assert stop(proc) == 0, tail(log_path)
 
 
-def train_raw_champion(settings, seed: int = 11, alias: str | None = 'champion', feature_set_version: str | None = None) -> str:
-    "Train a small raw-event model on a simulated history (fit_model over RAW_EVENTS.batch) and register it; return its version."
+def train_raw_model(seed: int = 11):
+    "A small raw-event model fitted on a simulated history (fit_model over RAW_EVENTS.batch)."
     from fraud_nb.simulator import simulate
     from fraud_nb.features import RAW_EVENTS
     from fraud_nb.model import fit_model
-    from fraud_nb import registry
     h = simulate(days=30, customers=600, terminals=900, seed=seed)
     X, y, cut = RAW_EVENTS.batch(h), h.Class.to_numpy(), [int(len(h) * .7), len(h)]
-    m = fit_model(X[:cut[0]], y[:cut[0]], X[cut[0]:], y[cut[0]:], h.amount.to_numpy()[cut[0]:], feature_set=RAW_EVENTS,
-                  n_estimators=30, seed=seed, refit=False)
+    return fit_model(X[:cut[0]], y[:cut[0]], X[cut[0]:], y[cut[0]:], h.amount.to_numpy()[cut[0]:], feature_set=RAW_EVENTS,
+                     n_estimators=30, seed=seed, refit=False)
+
+
+def train_raw_champion(settings, seed: int = 11, alias: str | None = 'champion', feature_set_version: str | None = None) -> str:
+    "Train a small raw-event model on a simulated history (fit_model over RAW_EVENTS.batch) and register it; return its version."
+    from fraud_nb import registry
+    m = train_raw_model(seed)
     if feature_set_version is not None: m.feature_set_version = feature_set_version
     return with_reference(settings, registry.register_model(m, settings, metrics={}, alias=alias), m)
 

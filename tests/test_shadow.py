@@ -69,7 +69,7 @@ def test_challenger_mid_stream(settings, tmp_path):
     assert dict(query(s, 'SELECT model_version, count(*) FROM scored_transactions GROUP BY 1')) == {v1: sent}
     text = log.read_text(errors='replace')
     assert len(re.findall(f'REFUSED model version {v3}\\b', text)) == 1, 'a refused challenger is logged once'
-    assert f'shadow scoring with challenger version {v2}' in text and f'challenger alias left version {v2}' in text
+    assert f'challenger version {v2} taken up for shadow scoring' in text and f'challenger alias left version {v2}' in text
     # shadow rows: only v2's, each of a scored transaction, once (the key), flagged by v2's own threshold
     sh = query(s, '''SELECT sh.model_version, count(*), count(t.tx_id), bool_and(sh.is_fraud = (sh.probability >= sh.threshold)),
                      min(sh.threshold), max(sh.threshold), bool_and(sh.scored_at = t.scored_at)
@@ -99,7 +99,7 @@ def test_challenger_mid_stream(settings, tmp_path):
     try: assert proc.wait(180) == 0, tail(log_r)
     finally: stop(proc)
     text = log_r.read_text(errors='replace')
-    assert 'holds already written transaction(s) (a replay)' in text and f'shadow scoring with challenger version {v2}' in text
+    assert 'holds already written transaction(s) (a replay)' in text and f'challenger version {v2} taken up for shadow scoring' in text
     assert f'{sent} scored (0 new rows)' in text, tail(log_r)
     check_exactly_once(s, prod.ids[:sent])
     check_feature_counts(s, v1)
