@@ -12,6 +12,7 @@ from fraud_nb.model import FEATURES, train_model
 from fraud_nb.evaluation import evaluate, plot_pr_curve
 
 from conftest import service_env, fraud_nb_cmd
+from scorer_helpers import query
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +76,51 @@ def test_cli_as_a_process(settings, tmp_path):
     r = subprocess.run(fraud_nb_cmd('train', '--data', str(sample), '--n-estimators', '30'), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert '(champion)' in r.stdout and 'SYNTHETIC' not in r.stdout
-    assert registry._client(settings).get_model_version(settings.model_name, '1').tags['data'] == str(sample)
+    tags = registry._client(settings).get_model_version(settings.model_name, '1').tags
+    assert tags['data'] == str(sample) and tags['threshold_rule'] == 'alert budget 100/day'      # like raw events (issue 13)
+    from fraud_nb.history import os_user
+    (changed,), = query(settings, 'SELECT row(from_version, to_version, actor, who, reason)::text FROM champion_history WHERE model_name = %s',
+                        (settings.model_name,))
+    assert changed == f'(,1,train,{os_user()},"the first champion (fraud-nb train, trigger cli)")'   # the first champion is a recorded change
     r = subprocess.run(fraud_nb_cmd('evaluate', '--data', str(sample), '--json'), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)['metrics']['n'] == 4000
+
+
+def test_evaluate_reports_the_rows_a_version_learnt_from_the_stream(settings, tmp_path, capsys):
+    """Issue 18 item 7: a version that learnt from the stream (tag fraud_nb.train_end) is graded on the test rows it never
+    saw; the 500 streamed, labelled rows up to train_end (matched by content in PostgreSQL) are reported separately."""
+    from datetime import datetime, timedelta, timezone
+    from fraud_nb.data import time_split
+    import psycopg2
+    from fraud_nb.pg import pg_params
+    sample = tmp_path/'sample.csv'
+    df = synthetic_transactions(20_000, seed=2, fraud_rate=0.02)
+    df.to_csv(sample, index=False)
+    assert registry.train_main(['--data', str(sample), '--n-estimators', '30', '--json'], settings=settings) == 0
+    capsys.readouterr()
+    streamed = time_split(df)[2].head(500)                       # the producer streamed these test rows, and they were labelled
+    t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    conn = psycopg2.connect(**pg_params(settings.database_url))
+    with conn, conn.cursor() as cur:
+        for k, (_, r) in enumerate(streamed.iterrows()):
+            cur.execute("""INSERT INTO scored_transactions (tx_id, event_time, tx_time, amount, features, probability, is_fraud, threshold,
+                           model_version, scored_at, kafka_partition, kafka_offset, scorer_id) VALUES (%s, %s, %s, %s, %s, 0.1, false, 0.5, '1', now(), 0, %s, 't')""",
+                        (f'tx-{k}', t0 + timedelta(seconds=k), float(r.Time), float(r.Amount), [float(r[f'V{i}']) for i in range(1, 29)], k))
+            cur.execute('INSERT INTO labels (tx_id, label, labeled_at) VALUES (%s, %s, now())', (f'tx-{k}', int(r.Class)))
+    conn.close()
+    client = registry._client(settings)
+
+    def evaluate(train_end):
+        client.set_model_version_tag(settings.model_name, '1', 'fraud_nb.train_end', train_end.isoformat())
+        assert registry.evaluate_main(['--data', str(sample), '--json'], settings=settings) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out), out.err
+
+    e, err = evaluate(t0 + timedelta(seconds=10_000))           # after every streamed row: all 500 were learnt from
+    assert e['seen_rows'] == 500 and e['metrics']['n'] == 3_500 and e['metrics_seen']['n'] == 500, e
+    assert 'already saw 500 of the 4,000 test rows' in err and '500 streamed rows it learnt from' in e['seen_by_model']
+    e, _ = evaluate(t0 + timedelta(seconds=199))                # only the first 200 streamed rows are older than train_end
+    assert e['seen_rows'] == 200 and e['metrics']['n'] == 3_800
+    e, _ = evaluate(t0 - timedelta(seconds=1))                  # trained on no streamed test row: nothing separated
+    assert e['seen_rows'] == 0 and e['metrics']['n'] == 4_000 and e['metrics_seen'] is None
