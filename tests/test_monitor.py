@@ -68,7 +68,7 @@ def _clear(engine):
     with engine.begin() as c: c.execute(sa.text('DELETE FROM feature_rollup'))
 
 
-def test_stable_stream_then_drifted_transactions(settings, champion):
+def test_stable_stream_then_drifted_transactions(settings, champion, capsys):
     version, model, ref = champion
     eng = db.make_engine(settings.database_url)
     try:
@@ -106,10 +106,11 @@ def test_stable_stream_then_drifted_transactions(settings, champion):
     j = json.loads(out.stdout)
     assert {'features', 'score_psi', 'versions', 'shadow', 'drifted'} <= set(j)
     assert all(set(e) >= {'name', 'psi', 'verdict'} for e in j['features']) and DRIFTED <= set(j['drifted'])
-    text = subprocess.run(fraud_nb_cmd('monitor'), env=service_env(settings), capture_output=True, text=True, timeout=120)
-    assert text.returncode == 0 and 'DRIFTED' in text.stdout and 'log_amount' in text.stdout, text.stdout + text.stderr
-    bad = subprocess.run(fraud_nb_cmd('monitor', '--window', 'soon'), env=service_env(settings), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and 'not a duration' in bad.stderr
+    capsys.readouterr()
+    assert monitor.monitor_main([], settings=settings) == 0
+    text = capsys.readouterr().out
+    assert 'DRIFTED' in text and 'log_amount' in text, text
+    assert monitor.monitor_main(['--window', 'soon'], settings=settings) == 2 and 'not a duration' in capsys.readouterr().err
 
 
 def _insert_scored(engine, rows):
