@@ -244,6 +244,11 @@ def _history(desk: Desk):
     except Exception as e:
         log.warning('desk: model history unavailable: %s', e); return None
 
+def _warm():
+    "Import what the desk's pages use (the model registry, the history, the Kafka client) ahead of the first request."
+    try: import fraud_nb.registry, fraud_nb.history, fraud_nb.stream   # noqa: F401
+    except Exception as e: log.warning('desk: %s', e)
+
 def _rollback(desk: Desk, reason: str, who: str, to_version: str | None) -> dict:
     from fraud_nb import history
     return history.rollback(desk.s, reason=reason, who=who, to_version=to_version)
@@ -276,6 +281,7 @@ def desk_handlers(settings: Settings, base: str = '/desk') -> list[tuple]:
     routes += list(zip(('/history', '/rollback'), _history_handlers(DeskHandler, PostHandler)))
     if desk.engine is not None:
         from tornado.ioloop import PeriodicCallback
+        desk.pool.submit(_warm)          # the first page should not wait for mlflow's import (seconds, more on a busy host)
         desk.maybe_publish()
         desk.periodic = PeriodicCallback(desk.maybe_publish, PUBLISH_EVERY * 1000); desk.periodic.start()
     if not desk.analysts: log.warning('desk: FRAUD_NB_ANALYSTS is empty: nobody can decide alerts (see `fraud-nb analyst new NAME`)')

@@ -49,13 +49,13 @@ def insert_alerts(settings, alerts: list[tuple], model_version='1', features=Non
 
 def xsrf(session, url) -> str:
     "The `_xsrf` token of the page at `url` (its cookie is set on the session)."
-    r = session.get(url + 'desk', headers={'Accept': 'text/html'}, timeout=30)
+    r = session.get(url + 'desk', headers={'Accept': 'text/html'}, timeout=120)
     assert r.status_code == 200, r.text[:500]
     return re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)
 
 
 def login(session, url, name, token):
-    r = session.post(url + 'desk/login', data={'_xsrf': xsrf(session, url), 'name': name, 'token': token}, timeout=30)
+    r = session.post(url + 'desk/login', data={'_xsrf': xsrf(session, url), 'name': name, 'token': token}, timeout=120)
     assert r.status_code == 200 and f'logged in as <b data-testid="analyst">{name}</b>' in r.text, r.text[:2000]
 
 
@@ -76,7 +76,7 @@ def desk(settings):
 def test_unauthenticated_decisions_are_refused_and_write_nothing(desk):
     s, token, url = desk
     anon = requests.Session()
-    page = anon.get(url + 'desk', headers={'Accept': 'text/html'}, timeout=30).text
+    page = anon.get(url + 'desk', headers={'Accept': 'text/html'}, timeout=120).text
     assert 'a-1' in page and 'n-1' not in page, 'the queue is open to look at; unflagged rows are not in it'
     assert page.index('a-1') < page.index('a-2') < page.index('a-3'), 'highest expected loss first'
     assert '>Fraud</button>' not in page and 'log in to decide' in page
@@ -87,7 +87,7 @@ def test_unauthenticated_decisions_are_refused_and_write_nothing(desk):
     login(forged, url, 'ann', token)
     r = forged.post(url + 'desk/decide', data={'tx_id': 'a-1', 'label': '1'}, timeout=30, allow_redirects=False)
     assert r.status_code == 403
-    r = anon.post(url + 'desk/login', data={'_xsrf': tok, 'name': 'ann', 'token': 'wrong-token-123'}, timeout=30)
+    r = anon.post(url + 'desk/login', data={'_xsrf': tok, 'name': 'ann', 'token': 'wrong-token-123'}, timeout=120)
     assert 'not recognised' in r.text and 'logged in as' not in r.text
     r = anon.post(url + 'desk/rollback', data={'_xsrf': tok, 'reason': 'x'}, timeout=30, allow_redirects=False)
     assert r.status_code == 403
@@ -99,17 +99,17 @@ def test_a_note_with_html_is_shown_as_text(desk):
     ann, bob = requests.Session(), requests.Session()
     login(ann, url, 'ann', token)
     note = '<script>alert(1)</script><img src=x onerror=alert(2)>'
-    r = ann.post(url + 'desk/decide', data={'_xsrf': xsrf(ann, url), 'tx_id': 'a-2', 'label': '0', 'note': note}, timeout=60)
+    r = ann.post(url + 'desk/decide', data={'_xsrf': xsrf(ann, url), 'tx_id': 'a-2', 'label': '0', 'note': note}, timeout=120)
     assert r.status_code == 200 and 'Recorded a-2 as Legitimate' in r.text, r.text[:2000]
     assert query(s, 'SELECT analyst, label, note, model_version, probability, threshold FROM decisions') == [('ann', 0, note, '1', 0.8, 0.5)]
     login(bob, url, 'bob', token + 'b')
-    page = bob.get(url + 'desk', timeout=30)
+    page = bob.get(url + 'desk', timeout=120)
     assert '&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;' in page.text
     assert '<script>' not in page.text and '<img' not in page.text
     assert "default-src 'none'" in page.headers['Content-Security-Policy']
-    r = bob.post(url + 'desk/decide', data={'_xsrf': xsrf(bob, url), 'tx_id': 'a-2', 'label': '1'}, timeout=60)
+    r = bob.post(url + 'desk/decide', data={'_xsrf': xsrf(bob, url), 'tx_id': 'a-2', 'label': '1'}, timeout=120)
     assert 'a-2 was already decided by ann' in r.text, 'a second analyst changes nothing'
-    r = bob.post(url + 'desk/decide', data={'_xsrf': xsrf(bob, url), 'tx_id': 'a-3', 'label': '1', 'note': 'x' * 501}, timeout=60)
+    r = bob.post(url + 'desk/decide', data={'_xsrf': xsrf(bob, url), 'tx_id': 'a-3', 'label': '1', 'note': 'x' * 501}, timeout=120)
     assert r.status_code == 400
     assert query(s, 'SELECT tx_id, analyst, label FROM decisions') == [('a-2', 'ann', 0)]
     assert query(s, 'SELECT published_at IS NOT NULL FROM decisions') == [(True,)], 'the label reached the broker'
@@ -151,7 +151,7 @@ def test_an_analyst_rolls_the_champion_back_from_the_desk(settings):
     try:
         ann = requests.Session()
         login(ann, url, 'ann', token)
-        page = ann.get(url + 'desk/history', timeout=30).text
+        page = ann.get(url + 'desk/history', timeout=120).text
         assert 'Roll back</button>' in page
         r = ann.post(url + 'desk/rollback', data={'_xsrf': xsrf(ann, url), 'reason': 'v2 <flags> too much'}, timeout=120)
         assert r.status_code == 200 and f'Champion rolled back to version {v1}' in r.text, r.text[-2000:]
