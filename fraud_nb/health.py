@@ -4,17 +4,17 @@
 
 # %% ../nbs/10b_health.ipynb #dc4d1bb5
 from __future__ import annotations
-import json, time, urllib.request
+import contextlib, json, os, time, urllib.request
 
 import psutil
 
-from .config import Settings, read_stack_file
+from .config import Settings, UserError, read_stack_file
 from . import db
 from .procs import find_process, port_owner, describe_owner
 
 # %% auto #0
-__all__ = ['kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem', 'label_sink_problem', 'dashboard_problem',
-           'group_lag', 'unconsumed']
+__all__ = ['EXTERNAL', 'kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem', 'label_sink_problem',
+           'dashboard_problem', 'group_lag', 'unconsumed', 'external_endpoints']
 
 # %% ../nbs/10b_health.ipynb #dd8352be
 def kafka_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -96,3 +96,22 @@ def unconsumed(s: Settings) -> dict[str, int | None]:
     "Transactions not yet scored and labels not yet stored, as the broker counts them (None: unknown)."
     return {'transactions': group_lag(s.kafka_bootstrap, s.scorer_group, s.topic_transactions),
             'labels': group_lag(s.kafka_bootstrap, s.labels_group, s.topic_labels)}
+
+# %% ../nbs/10b_health.ipynb #384d866f
+EXTERNAL = {'database_url': 'postgres', 'kafka_bootstrap': 'kafka'}
+
+def external_endpoints(env: dict | None = None) -> dict:
+    "Endpoints given by `FRAUD_NB_DATABASE_URL` / `FRAUD_NB_KAFKA_BOOTSTRAP` / `FRAUD_NB_MLFLOW_TRACKING_URI`, checked: `{field: value}`."
+    env = os.environ if env is None else env
+    got = {k: env[Settings.env_var(k)].strip() for k in (*EXTERNAL, 'mlflow_tracking_uri') if env.get(Settings.env_var(k), '').strip()}
+    var = Settings.env_var
+    if 'database_url' in got:
+        try: url = db.make_url(got['database_url']); assert url.drivername.startswith('postgresql') and url.database
+        except Exception: raise UserError(f'{var("database_url")} is not a PostgreSQL URL (postgresql+psycopg2://user:pass@host:5432/db)') from None
+        try: postgres_healthy(got['database_url'])
+        except Exception as e: raise UserError(f'{var("database_url")}: the database does not answer ({str(e).strip().splitlines()[0][:160]})') from None
+    if 'kafka_bootstrap' in got:
+        ok = False
+        with contextlib.suppress(Exception): ok = kafka_healthy(got['kafka_bootstrap'], timeout=5)
+        if not ok: raise UserError(f'{var("kafka_bootstrap")}={got["kafka_bootstrap"]}: no Kafka broker answers there')
+    return got

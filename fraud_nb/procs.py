@@ -4,15 +4,18 @@
 
 # %% ../nbs/10a_procs.ipynb #ac673f59
 from __future__ import annotations
-import contextlib, os, signal, socket, subprocess, time
+import contextlib, json, os, signal, socket, subprocess, time
 from pathlib import Path
 from typing import Callable
 
 import psutil
 
+from .config import read_stack_file
+
+
 # %% auto #0
 __all__ = ['free_port', 'port_is_free', 'port_is_listening', 'wait_until', 'is_alive', 'proc_record', 'find_process',
-           'stop_process', 'spawn', 'port_owner', 'describe_owner']
+           'stop_process', 'spawn', 'port_owner', 'describe_owner', 'registry_dir', 'running_stacks']
 
 # %% ../nbs/10a_procs.ipynb #7eb612fa
 def free_port(host: str = '127.0.0.1') -> int:
@@ -95,3 +98,21 @@ def describe_owner(port: int, host: str = '127.0.0.1') -> str:
     if p is None: return 'another process'
     with contextlib.suppress(psutil.Error): return f'pid {p.pid} ({" ".join(p.cmdline()[:3])[:80]})'
     return f'pid {p.pid}'
+
+# %% ../nbs/10a_procs.ipynb #2cbd12d5
+def registry_dir() -> Path: return Path.home()/'.fraud_nb'/'stacks'
+
+def _registry_entry(state_dir: Path) -> Path:
+    import hashlib
+    return registry_dir()/(hashlib.sha1(str(Path(state_dir).absolute()).encode()).hexdigest()[:16] + '.json')
+
+def running_stacks(exclude: Path | None = None) -> list[dict]:
+    "The registered stacks whose PostgreSQL still runs: `{'state_dir', 'cwd'}` each (stale entries are removed)."
+    found = []
+    for f in sorted(registry_dir().glob('*.json')) if registry_dir().exists() else []:
+        with contextlib.suppress(Exception):
+            e = json.loads(f.read_text())
+            if exclude is not None and Path(e['state_dir']) == Path(exclude).absolute(): continue
+            if find_process(read_stack_file(Path(e['state_dir'])).get('services', {}).get('postgres')): found.append(e)
+            else: f.unlink(missing_ok=True)
+    return found

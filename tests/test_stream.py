@@ -62,3 +62,35 @@ def test_label_sink_cli_upserts_and_dead_letters(settings):
     dead = [read_dead_letter(m) for m in read_topic(settings, settings.topic_labels_dlq, 1)]   # refused labels: the labels DLQ
     assert len(dead) == 1 and dead[0]['key'] == b'l-bad' and 'label must be 0 or 1' in dead[0]['reason']
     assert dead[0]['topic'] == settings.topic_labels
+
+
+def _produce(settings, *args):
+    return subprocess.run(fraud_nb_cmd('produce', '--rate', '0', *args), env=service_env(settings), capture_output=True, text=True, timeout=120)
+
+
+def test_produce_data_errors_are_one_line_and_no_labels_needs_no_class(settings, tmp_path):
+    "Issue 18 trap 8: a damaged .csv.gz is one line naming the file (exit 2, no traceback); --no-labels replays a file without Class."
+    from fraud_nb.data import synthetic_transactions
+    df = synthetic_transactions(300, seed=5)
+    df.to_csv(tmp_path/'ok.csv.gz', index=False)
+    (tmp_path/'cut.csv.gz').write_bytes((tmp_path/'ok.csv.gz').read_bytes()[:-40])           # a truncated download
+    df.drop(columns='Class').to_csv(tmp_path/'unlabelled.csv', index=False)
+    for args, needle in ((['--data', str(tmp_path/'cut.csv.gz')], f'{tmp_path/"cut.csv.gz"}: not a readable CSV (.gz)'),
+                         (['--data', str(tmp_path/'unlabelled.csv')], "missing column(s) 'Class'")):   # labels asked for: Class needed
+        r = _produce(settings, *args)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _produce(settings, '--data', str(tmp_path/'unlabelled.csv'), '--no-labels')
+    assert r.returncode == 0 and 'sent 300 transactions' in r.stdout, r.stdout + r.stderr
+
+
+def test_produce_drift_replays_what_monitoring_must_notice(settings):
+    "--drift: the frame goes through fraud_nb.monitor.drift_transactions before it is sent, and the producer says so."
+    from fraud_nb.contracts import NUMERIC_FIELDS, decode_transactions
+    from fraud_nb.data import synthetic_transactions
+    from fraud_nb.monitor import drift_transactions
+    r = _produce(settings, '--synthetic', '400', '--seed', '6', '--no-labels', '--drift')
+    assert r.returncode == 0 and 'DRIFTED on purpose' in r.stdout, r.stdout + r.stderr
+    d = decode_transactions([m.value() for m in read_topic(settings, settings.topic_transactions, 400)])
+    sent = sorted(map(tuple, d.values.round(6).tolist()))
+    want = sorted(map(tuple, drift_transactions(synthetic_transactions(400, seed=6))[NUMERIC_FIELDS].to_numpy().round(6).tolist()))
+    assert len(sent) == 400 and sent == want
