@@ -412,7 +412,7 @@ def _drain(self: Stack, timeout: float = DRAIN_S, say: Callable[[str], None] = p
 Stack.drain = _drain
 
 # %% ../nbs/10_stack.ipynb #c4c5945a
-RETRAINER_GRACE_S = 20.0   # SIGTERM to SIGKILL: time for a retraining run to stop its kernel and record itself as interrupted
+RETRAINER_GRACE_S = 30.0   # SIGTERM to SIGKILL: time for a retraining run to stop its kernel and record itself as interrupted
 
 def _down(self: Stack, say: Callable[[str], None] = print) -> list[str]:
     "Stop every process this stack started (applications first, PostgreSQL last) and nothing else."
