@@ -60,12 +60,18 @@ def measure(settings, t0) -> dict:
     during = [m for m in minutes if busy(m)]
     outside = [m for m in minutes if not busy(m)]
     promos = [r for r in runs if r['decision'] == 'promoted']
-    first_champion_end = None
-    try:
+    first_champion = {}
+    try:   # the first champion's data: its `data` tag names the dataset; its clock ends where the stream should begin
+        from fraud_nb.data import DatasetSource
         client = registry.MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
         versions = sorted(client.search_model_versions(f"name='{settings.model_name}'"), key=lambda v: int(v.version))
-        if versions: first_champion_end = registry.load_version(settings, versions[0].version).metrics.get('train_end') or versions[0].tags.get('data')
-    except Exception as e: first_champion_end = f'unknown ({type(e).__name__})'
+        tag = versions[0].tags.get('data') if versions else None
+        h = DatasetSource.from_tag(tag).load('all') if tag else None
+        first_champion = dict(version=versions[0].version if versions else None, data=tag,
+                              data_ends=str(h.event_time.max()) if h is not None and 'event_time' in h else None)
+        if first is not None and first_champion['data_ends']:
+            first_champion['stream_starts_after_its_data'] = bool(first > h.event_time.max())
+    except Exception as e: first_champion['error'] = f'{type(e).__name__}: {e}'
     p99 = lambda ms: dict(minutes=len(ms), median_p99_ms=median([m['p99'] for m in ms]), max_p99_ms=max((m['p99'] for m in ms), default=None),
                           median_p50_ms=median([m['p50'] for m in ms]), tx=sum(m['n'] for m in ms))
     return dict(
@@ -75,8 +81,16 @@ def measure(settings, t0) -> dict:
         runs_with_challenger_ap_ge_0_999=sum(1 for r in runs if (r['challenger_ap'] or 0) >= 0.999),
         latency_during_runs=p99(during), latency_outside_runs=p99(outside),
         minutes_during_runs_over_100ms=[str(m['minute']) for m in during if m['p99'] > 100],
-        stream=dict(first_event=str(first), last_event=str(last), scored=n), first_champion=str(first_champion_end),
+        stream=dict(first_event=str(first), last_event=str(last), scored=n), first_champion=first_champion,
         per_minute=[dict(minute=str(m['minute']), n=m['n'], p50=round(m['p50'], 1), p99=round(m['p99'], 1), during_run=busy(m)) for m in minutes])
+
+
+def running(settings) -> int:
+    import sqlalchemy as sa
+    from fraud_nb import db
+    eng = db.make_engine(settings.database_url)
+    with eng.connect() as c: n = c.execute(sa.text("SELECT count(*) FROM retrain_runs WHERE status = 'running'")).scalar()
+    eng.dispose(); return n
 
 
 def _minute():
@@ -112,7 +126,7 @@ def main(argv=None) -> int:
             time.sleep(min(30, max(0.0, end - time.monotonic()))); loads.append(os.getloadavg()[0])
             print(f'{(a.minutes * 60 - (end - time.monotonic())) / 60:.1f} min, load {loads[-1]:.1f}', file=sys.stderr, flush=True)
         finish = time.monotonic() + a.finish_s
-        while time.monotonic() < finish and any(r['status'] == 'running' for r in measure(settings, t0)['runs']): time.sleep(5)
+        while time.monotonic() < finish and running(settings): time.sleep(5)
         out = measure(settings, t0)
         out.update(minutes=a.minutes, up_s=round(up_s, 1), load_average_start=round(load0[0], 2),
                    load_average_median=median(loads), load_average_end=round(os.getloadavg()[0], 2), cpus=os.cpu_count())
@@ -124,7 +138,7 @@ def main(argv=None) -> int:
     print(f"demo {a.minutes:g} min after up ({out['up_s']:.0f} s to start), {out['cpus']} cores, load average "
           f"{out['load_average_start']} at start, median {out['load_average_median']}, {out['load_average_end']} at end")
     print(f"stream: scored {out['stream']['scored']:,} transactions, event times {out['stream']['first_event']} .. {out['stream']['last_event']}; "
-          f"first champion trained on {out['first_champion']}")
+          f"first champion: {out['first_champion']}")
     for r in out['runs']:
         print(f"run {r['run_id']} {r['trigger']} {r['status']} {r['decision'] or '-'} {r['duration_s'] or 0:.0f} s, holdout frauds "
               f"{r['holdout_frauds']}, confidence {r['confidence']}, challenger AP {r['challenger_ap']}: {(r['verdict'] or r['error'] or '')[:160]}")

@@ -15,8 +15,8 @@ from .pg import Backoff, pg_connect
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'NEWEST_SQL', 'RECENT_SQL', 'LABELS_SINCE_SQL', 'STORED_SQL', 'RawStateStore', 'RawPath', 'reset_partitions',
-           'serves_raw']
+__all__ = ['log', 'NEWEST_SQL', 'RECENT_SQL', 'LABELS_SINCE_SQL', 'STORED_SQL', 'LABEL_READ_S', 'RawStateStore', 'RawPath',
+           'reset_partitions', 'serves_raw']
 
 # %% ../nbs/13b_raw_path.ipynb #57f54800
 _US = "(extract(epoch FROM event_time) * 1000000)::bigint"
@@ -88,7 +88,7 @@ class RawPath:
         from fraud_nb.features import RAW_EVENTS, RawEventState
         self.state = RawEventState(delay_days or RAW_EVENTS.delay_days)
         self.store = RawStateStore(database_url)
-        self.label_seq, self.hw, self.partitions = 0, {}, []
+        self.label_seq, self.hw, self.partitions, self.labels_read_at = 0, {}, [], -np.inf
 
     def assigned(self, partitions):
         "Rebuild the card state of `partitions` (the whole assignment: eager rebalancing) from the table."
@@ -106,9 +106,13 @@ class RawPath:
     def close(self): self.store.close()
 
 # %% ../nbs/13b_raw_path.ipynb #aaf14ea6
+LABEL_READ_S = 0.25   # labels are read at most this often: one query per batch cost a round trip at 50 batches/s
+
 @patch
-def read_labels(self: RawPath):
-    "Absorb the labels that arrived since the last read; the newest seq read becomes the batch's `label_seq`."
+def read_labels(self: RawPath, force: bool = False):
+    "Absorb the labels that arrived since the last read (at most every `LABEL_READ_S`); the newest seq read becomes the batch's `label_seq`."
+    if not force and time.monotonic() - self.labels_read_at < LABEL_READ_S: return
+    self.labels_read_at = time.monotonic()
     t, ns, y, seq = self.store.labels_since(self.label_seq)
     if len(t): self.state.add_labels(t, ns, y)
     self.label_seq = seq
