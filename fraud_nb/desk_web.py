@@ -118,7 +118,10 @@ class Desk:
 def publish_pending(self: Desk) -> int:
     "Finish the outbox: publish decisions whose label the broker has not acknowledged (bounded batch)."
     self._published = time.monotonic()
-    try: return D.publish_pending(self.engine, self.producer(), self.s, limit=500)
+    try:
+        with self.engine.connect() as c:
+            if c.execute(sa.text('SELECT 1 FROM decisions WHERE published_at IS NULL LIMIT 1')).first() is None: return 0
+        return D.publish_pending(self.engine, self.producer(), self.s, limit=500)
     except Exception as e:
         log.warning('desk: pending analyst labels not published: %s', e); return 0
 
@@ -244,11 +247,6 @@ def _history(desk: Desk):
     except Exception as e:
         log.warning('desk: model history unavailable: %s', e); return None
 
-def _warm():
-    "Import what the desk's pages use (the model registry, the history, the Kafka client) ahead of the first request."
-    try: import fraud_nb.registry, fraud_nb.history, fraud_nb.stream   # noqa: F401
-    except Exception as e: log.warning('desk: %s', e)
-
 def _rollback(desk: Desk, reason: str, who: str, to_version: str | None) -> dict:
     from fraud_nb import history
     return history.rollback(desk.s, reason=reason, who=who, to_version=to_version)
@@ -281,7 +279,6 @@ def desk_handlers(settings: Settings, base: str = '/desk') -> list[tuple]:
     routes += list(zip(('/history', '/rollback'), _history_handlers(DeskHandler, PostHandler)))
     if desk.engine is not None:
         from tornado.ioloop import PeriodicCallback
-        desk.pool.submit(_warm)          # the first page should not wait for mlflow's import (seconds, more on a busy host)
         desk.maybe_publish()
         desk.periodic = PeriodicCallback(desk.maybe_publish, PUBLISH_EVERY * 1000); desk.periodic.start()
     if not desk.analysts: log.warning('desk: FRAUD_NB_ANALYSTS is empty: nobody can decide alerts (see `fraud-nb analyst new NAME`)')
