@@ -105,11 +105,12 @@ def _move_unrecorded(client: MlflowClient, settings: Settings, version: str, act
     return dict(id=None, changed_at=at, model_name=name, from_version=before, to_version=version, actor=actor, who=who,
                 reason=reason, changed=True, recorded=False, reconciled=None, warning=warning)
 
-# %% ../nbs/06a_history.ipynb #dd6ad922
+# %% ../nbs/06a_history.ipynb #ed32ea27
 def _one_line(e: Exception) -> str: return ' '.join(str(e).split())[:300]
 
 def _db_error(e: Exception) -> str: return f'database unreachable: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
 
+# %% ../nbs/06a_history.ipynb #d0b8cb0b
 def set_champion(client: MlflowClient | None, settings: Settings, version, actor: str, reason: str, who: str | None = None) -> dict:
     "Point `champion` at `version` and record the change (time, from, to, actor, who, reason); return the recorded change."
     from fraud_nb.db import make_engine
@@ -135,6 +136,7 @@ def set_champion(client: MlflowClient | None, settings: Settings, version, actor
     _tag(client, name, before, version, actor, who, reason, row['changed_at'].isoformat(timespec='seconds'))
     return row | dict(changed=True, recorded=True, reconciled=found, warning=None)
 
+# %% ../nbs/06a_history.ipynb #c757ea4e
 def _after_failed_commit(client, settings, version, before, actor, reason, who, e) -> dict:
     "The alias moved but the row did not commit: keep the change as a pending tag (reconcile records it)."
     at = _now()

@@ -427,7 +427,7 @@ def seen_by_model(version: str, tags: dict) -> str | None:
             f'streams this test part, so these metrics include rows the model learnt from and overstate it; '
             f'compare on data it never saw (e.g. --version of the first champion, or another file)')
 
-# %% ../nbs/06_registry.ipynb #c1a4696e
+# %% ../nbs/06_registry.ipynb #2be36ee3
 def _stream_keys(settings: Settings, end) -> np.ndarray | None:
     "Content keys of the labelled stream rows up to event time `end` (None: no database to ask)."
     from fraud_nb.compare import content_key
@@ -441,6 +441,7 @@ def _stream_keys(settings: Settings, end) -> np.ndarray | None:
     stream = stream[stream.event_time <= pd.Timestamp(end)]
     return content_key(stream) if len(stream) else np.array([], dtype=np.uint64)
 
+# %% ../nbs/06_registry.ipynb #474de6a1
 def seen_rows(settings: Settings, tags: dict, source: DatasetSource, parts: dict) -> tuple[np.ndarray, list[str]]:
     "(mask of the test rows the version already saw, where from) — see above."
     from fraud_nb.compare import content_key
@@ -459,7 +460,7 @@ def _seen_warning(version: str, tags: dict, seen: np.ndarray, where: list[str]) 
     if seen.any(): return f'version {version} already saw {int(seen.sum()):,} of the {len(seen):,} test rows ({"; ".join(where)}): they are reported separately'
     return None if not tags.get('fraud_nb.train_end') else seen_by_model(version, tags) if not where else None
 
-# %% ../nbs/06_registry.ipynb #03eec1fa
+# %% ../nbs/06_registry.ipynb #9b58b5dd
 def _model_to_evaluate(a, settings: Settings) -> FraudModel | None:
     "The champion (or `--version`), checked for compatibility; None after printing why there is none."
     try:
@@ -476,6 +477,7 @@ def _metrics_on(model: FraudModel, source: DatasetSource, parts: dict, F, rows: 
     test = parts['test'][rows]
     return raw_metrics(model, parts | {'test': test}, F, cost) if source.kind.split else ev.evaluate(model, test, review_cost=cost)
 
+# %% ../nbs/06_registry.ipynb #c7387780
 def _evaluate(a, settings: Settings | None) -> int:
     settings = require(settings or get_settings(), 'mlflow_tracking_uri')
     source = _source(a, settings, allow_synthetic=False)
@@ -494,6 +496,7 @@ def _evaluate(a, settings: Settings | None) -> int:
                                         'nothing honest to evaluate on; use other data (--data) or another --version')
     _print_evaluation(a, settings, model, source, metrics, metrics_seen, int(seen.sum()), warning)
 
+# %% ../nbs/06_registry.ipynb #b9aea188
 def _print_evaluation(a, settings, model, source, metrics, metrics_seen, n_seen, warning):
     if a.json:
         print(json.dumps(dict(model_name=settings.model_name, version=model.version, data=source.tag, synthetic=source.synthetic,
