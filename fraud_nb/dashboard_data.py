@@ -20,9 +20,9 @@ from .dashboard_queries import *
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EVIDENCE_TAG', 'STATES', 'BinCache', 'ChampionCache', 'MonitorCache', 'champion_evidence', 'run_evidence',
-           'reasons_text', 'AlertReasons', 'Snapshot', 'embedded_stack_down', 'failure_snapshot', 'DataSource',
-           'Timings', 'judge']
+__all__ = ['log', 'MONITOR_TIMEOUT_S', 'EVIDENCE_TAG', 'STATES', 'BinCache', 'ChampionCache', 'MonitorCache', 'champion_evidence',
+           'run_evidence', 'reasons_text', 'AlertReasons', 'Snapshot', 'embedded_stack_down', 'failure_snapshot',
+           'DataSource', 'Timings', 'judge']
 
 # %% ../nbs/16_dashboard_data.ipynb #afd54659
 class BinCache:
@@ -99,9 +99,11 @@ def _fetch(self: ChampionCache, s: Settings) -> dict:
         return {'state': 'error', 'message': f'registry unreachable ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""})'}
 
 # %% ../nbs/16_dashboard_data.ipynb #302a2be5
+MONITOR_TIMEOUT_S = 60.0   # the report's statements may take longer than the page's 10 s: it runs apart, every `ttl` at most
+
 class MonitorCache:
     "The monitor's report (`fraud_nb.monitor.monitor_report`) for the champion, computed at most every `ttl` seconds (in a thread with `background`)."
-    def __init__(self, ttl: float = 30.0, background: bool = True):
+    def __init__(self, ttl: float = 60.0, background: bool = True):
         self.ttl, self.background, self._at, self._value, self._key, self._thread = ttl, background, -math.inf, None, None, None
 
 # %% ../nbs/16_dashboard_data.ipynb #3030900a
@@ -109,7 +111,7 @@ class MonitorCache:
 def _fetch(self: MonitorCache, engine: sa.Engine, s: Settings, version: str | None) -> dict:
     from fraud_nb.monitor import monitor_report
     t0 = time.perf_counter()
-    try: r = {'state': 'ok', **monitor_report(engine, s, version=version, lookup=False)}
+    try: r = {'state': 'ok', **monitor_report(engine, s, version=version, lookup=False, timeout_s=MONITOR_TIMEOUT_S)}
     except Exception as e:
         msg = str(getattr(e, 'orig', None) or e).strip().splitlines()
         r = {'state': 'error', 'message': f'monitor unavailable ({type(e).__name__}: {(msg[0] if msg else "")[:160]})'}
@@ -299,7 +301,7 @@ def failure_snapshot(e: Exception, s: Settings, window: str) -> Snapshot:
 class DataSource:
     "Runs the dashboard's queries against the database (read-only) and the registry; one per page."
     def __init__(self, settings: Settings | None = None, *, alerts: int = 10, runs: int = 8, reasons: bool = True,
-                 champion_ttl: float = 10.0, background: bool = True, monitor_ttl: float = 30.0):
+                 champion_ttl: float = 10.0, background: bool = True, monitor_ttl: float = 60.0):
         self.fixed, self._settings = settings, None
         self.k_alerts, self.k_runs, self.use_reasons = alerts, runs, reasons
         self.engine, self.url = None, None
