@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_retrain.ipynb #ae167943
 from __future__ import annotations
-import contextlib, json, logging, os, re, signal, threading, time, uuid
+import json, logging, os, re, signal, time, uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,17 +19,17 @@ from .config import Settings, command_parser, get_settings, require, run_command
 from . import compare, db
 from .data import RAW_COLUMNS, LABEL, DatasetSource, dataset_source
 from .pg import RETRAIN_LOCK   # one retraining run at a time, across machines
+from .retrain_stop import (INTERRUPTED, STALE_ERROR, Interrupter, begin_commit, commit_marker, interruptible,  # stopping, queueing
+                                   interruption_text, mark_interrupted, repair_at_start, repair_stale_runs, take_lock)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TRAIN_END_TAG', 'SECRET_ENV', 'THREAD_VARS', 'INTERRUPTED', 'STALE_ERROR', 'last_watermark', 'labels_since',
-           'labelled_stream', 'historical_source', 'historical_training_set', 'champion_training_end', 'split_run',
-           'train_end_of', 'parts_summary', 'look_at', 'judge', 'evidence', 'evidence_tags', 'secrets_of', 'redact',
-           'redact_file', 'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env', 'kernel_manager',
-           'template_path', 'render_html', 'RunOutcome', 'Interrupter', 'commit_marker', 'begin_commit',
-           'interruption_text', 'interruptible', 'mark_interrupted', 'repair_stale_runs', 'repair_at_start',
-           'queue_message', 'take_lock', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop',
+__all__ = ['log', 'TRAIN_END_TAG', 'SECRET_ENV', 'THREAD_VARS', 'last_watermark', 'labels_since', 'labelled_stream',
+           'historical_source', 'historical_training_set', 'champion_training_end', 'split_run', 'train_end_of',
+           'parts_summary', 'look_at', 'judge', 'evidence', 'evidence_tags', 'secrets_of', 'redact', 'redact_file',
+           'RedactingFilter', 'retrain_threads', 'retrain_nice', 'kernel_env', 'kernel_manager', 'template_path',
+           'render_html', 'RunOutcome', 'run_retraining', 'should_run', 'next_backoff', 'retrainer_loop',
            'retrainer_main', 'retrain_main']
 
 # %% ../nbs/15_retrain.ipynb #a5e5ee54
@@ -252,8 +252,6 @@ class RunOutcome:
     @property
     def interrupted(self) -> bool: return (self.error or '').startswith(INTERRUPTED)
 
-INTERRUPTED = 'interrupted'   # the first word of the error of a run stopped before it finished
-
 def _record(engine, sql, **params):
     with engine.begin() as c: c.execute(sa.text(sql), params)
 
@@ -318,128 +316,6 @@ def _finish_run(engine: sa.Engine, outcome: RunOutcome):
             cv=r.get('champion_version'), nv=r.get('challenger_version'), cm=dump(r.get('champion_metrics')),
             nm=dump(nm), h=str(outcome.report_html) if outcome.report_html else None, dur=outcome.duration_s)
     if ev: _record(engine, 'UPDATE retrain_runs SET evidence = :ev WHERE run_id = :r', ev=json.dumps(ev), r=outcome.run_id)
-
-# %% ../nbs/15_retrain.ipynb #322dd032
-class Interrupter:
-    "Ends a retraining kernel on a signal by killing its process group, unless the notebook is committing its result."
-    def __init__(self): self.signum, self.kernels, self.committing, self.t0 = None, [], None, time.monotonic()
-    def elapsed(self) -> float: return time.monotonic() - self.t0
-    def kernel_started(self, pid: int):
-        self.kernels.append(pid)
-        if self.signum is not None: self.kill()
-    def kill(self):
-        if self.committing is not None and Path(self.committing).exists(): return   # registering: let it finish
-        for pid in self.kernels:
-            with contextlib.suppress(ProcessLookupError, PermissionError): os.killpg(pid, signal.SIGKILL)
-    def __call__(self, signum, frame=None): self.signum = signum; self.kill()
-
-def commit_marker(result_path) -> Path:
-    "The file the notebook creates before it registers and promotes (`begin_commit`): no killing from then on."
-    return Path(f'{result_path}.committing')
-
-def begin_commit(result_path: str):
-    "Called by the notebook right before it registers the challenger."
-    if result_path: commit_marker(result_path).touch()
-
-# %% ../nbs/15_retrain.ipynb #bdf98ca1
-def interruption_text(signum: int) -> str:
-    "The error of a run ended by `signum`."
-    return f"{INTERRUPTED} by {'fraud-nb down' if signum == signal.SIGTERM else 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}"
-
-@contextlib.contextmanager
-def interruptible():
-    "While a run executes: SIGTERM/SIGINT end its kernel (an `Interrupter`), then reach the handlers installed before (Python ones)."
-    stopper = Interrupter()
-    if threading.current_thread() is not threading.main_thread(): yield stopper; return
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    def handler(signum, frame):
-        stopper(signum, frame)
-        prev = old[signum]
-        if callable(prev) and prev is not signal.default_int_handler: prev(signum, frame)   # e.g. the service's stop flag
-    for s in old: signal.signal(s, handler)
-    try: yield stopper
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-
-# %% ../nbs/15_retrain.ipynb #c1b7ceb4
-def mark_interrupted(ipynb: Path, why: str) -> bool:
-    "Put a banner on top of a partial report saying what stopped it; False if there is no report."
-    import nbformat
-    p = Path(ipynb)
-    if not p.is_file(): return False
-    nb = nbformat.read(p, as_version=4)
-    if nb.cells and nb.cells[0].metadata.get('fraud_nb') == 'interrupted': return True
-    cell = nbformat.v4.new_markdown_cell(f'> **Interrupted — this report is partial.** {why}. The run stopped before it '
-                                         'finished: the figures below are incomplete, no decision was taken from them.')
-    cell.metadata['fraud_nb'] = 'interrupted'
-    nb.cells.insert(0, cell); nbformat.write(nb, p)
-    return True
-
-# %% ../nbs/15_retrain.ipynb #6ea27bd9
-STALE_ERROR = f'{INTERRUPTED}: the retrainer stopped before this run finished (closed at the next start)'
-
-def repair_stale_runs(engine: sa.Engine) -> list[str]:
-    "Close `running` runs as interrupted, mark their reports, render interrupted reports to HTML; only while holding the lock."
-    with engine.begin() as c:
-        rows = c.execute(sa.text("""UPDATE retrain_runs SET status = 'failed', finished_at = now(), error = :e
-                                    WHERE status = 'running' RETURNING run_id, report_ipynb"""), {'e': STALE_ERROR}).all()
-        unrendered = c.execute(sa.text("""SELECT run_id, report_ipynb, error FROM retrain_runs WHERE status = 'failed'
-                                          AND error LIKE :i AND report_html IS NULL AND report_ipynb IS NOT NULL"""), {'i': f'{INTERRUPTED}%'}).all()
-    for r in unrendered:
-        if mark_interrupted(Path(r.report_ipynb), r.error):
-            with contextlib.suppress(Exception):
-                _record(engine, 'UPDATE retrain_runs SET report_html = :h WHERE run_id = :r', h=str(render_html(Path(r.report_ipynb))), r=r.run_id)
-    return [r.run_id for r in rows]
-
-def repair_at_start(engine: sa.Engine) -> list[str]:
-    "At a retrainer's start: take the lock if it is free, repair, let it go (a live run elsewhere keeps its row)."
-    with engine.connect() as c:
-        if not c.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar(): return []
-        try: return repair_stale_runs(engine)
-        finally: c.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': RETRAIN_LOCK}); c.commit()
-
-# %% ../nbs/15_retrain.ipynb #8f77cd00
-def queue_message(current: dict | None, typical_s: float | None, now: datetime, wait_s: float) -> str:
-    "What a run waiting for the lock tells its user."
-    if current is None: return f'another retraining run holds the lock; waiting for it (at most {wait_s:.0f} s)'
-    since = (now - current['started_at']).total_seconds()
-    msg = f"run {current['run_id']} ({current['trigger']}) is in progress since {current['started_at']:%H:%M:%S} UTC ({since:.0f} s ago)"
-    if typical_s:
-        eta = current['started_at'] + pd.Timedelta(seconds=typical_s)
-        msg += f'; runs here take about {typical_s:.0f} s, so yours should start ' + (f'at about {eta:%H:%M:%S} UTC' if eta > now else 'soon')
-    return msg + f'. Waiting for it (at most {wait_s:.0f} s; Ctrl-C gives up).'
-
-# %% ../nbs/15_retrain.ipynb #f6850c66
-def _in_progress(engine: sa.Engine) -> tuple[dict | None, float | None]:
-    with engine.connect() as c:
-        cur = c.execute(sa.text("SELECT run_id, trigger, started_at FROM retrain_runs WHERE status = 'running' ORDER BY started_at DESC LIMIT 1")).first()
-        typical = c.execute(sa.text("""SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s) FROM (SELECT duration_s FROM retrain_runs
-                                       WHERE status = 'succeeded' AND duration_s IS NOT NULL ORDER BY started_at DESC LIMIT 5) t""")).scalar()
-    return (dict(cur._mapping) if cur else None), typical
-
-def _wait_lock(conn: sa.Connection, engine: sa.Engine, wait_s: float) -> bool:
-    "Block on the lock in a thread (so Ctrl-C reaches the main thread); on Ctrl-C the waiting query is cancelled."
-    pid, got = conn.execute(sa.text('SELECT pg_backend_pid()')).scalar(), {}
-    def take():
-        try:
-            conn.execute(sa.text("SELECT set_config('lock_timeout', :ms, true)"), {'ms': f'{int(wait_s * 1000)}ms'})
-            conn.execute(sa.text('SELECT pg_advisory_lock(:k)'), {'k': RETRAIN_LOCK}); got['ok'] = True
-        except Exception as e: got['error'] = e
-    t = threading.Thread(target=take, daemon=True); t.start()
-    try:
-        while t.is_alive(): t.join(0.5)
-    except BaseException:
-        with engine.connect() as c: c.execute(sa.text('SELECT pg_cancel_backend(:p)'), {'p': pid})
-        t.join(10); raise
-    if 'error' in got: conn.rollback()
-    return bool(got.get('ok'))
-
-def take_lock(conn: sa.Connection, engine: sa.Engine, wait_s: float = 0, say=log.info) -> bool:
-    "The retraining lock on `conn`: at once, or after waiting in line up to `wait_s` (saying what for)."
-    if conn.execute(sa.text('SELECT pg_try_advisory_lock(:k)'), {'k': RETRAIN_LOCK}).scalar(): return True
-    if wait_s <= 0: return False
-    say(queue_message(*_in_progress(engine), datetime.now(timezone.utc), wait_s))
-    return _wait_lock(conn, engine, wait_s)
 
 # %% ../nbs/15_retrain.ipynb #5b5e704f
 def run_retraining(settings: Settings, *, trigger: str = 'manual', parameters: dict | None = None,
