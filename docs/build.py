@@ -21,7 +21,7 @@ DOCS, NBS = ROOT/'docs', ROOT/'nbs'
 STAGE, OUT = ROOT/'_proc'/'docs', ROOT/'_docs'
 CHAPTER_MAP = '<!-- chapter map -->'       # in nbs/index.ipynb: replaced by the table of chapters
 SETTINGS_TABLE = '<!-- settings table -->'  # in docs/settings.md: replaced by the table of settings
-GUIDE = ['architecture', 'contracts', 'raw-events', 'tables', 'delivery', 'retraining', 'settings', 'operations', 'production', 'security', 'change-the-model']
+GUIDE = ['architecture', 'contracts', 'raw-events', 'tables', 'delivery', 'retraining', 'desk', 'champion-history', 'monitoring', 'scorer-monitoring', 'settings', 'operations', 'production', 'security', 'change-the-model']
 NOT_PAGES = {'index'}                       # notebooks handled apart
 
 

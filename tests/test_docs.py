@@ -6,7 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT/'_docs'
-GUIDE = ['architecture', 'contracts', 'raw-events', 'tables', 'delivery', 'retraining', 'settings', 'operations', 'production', 'security', 'change-the-model']
+GUIDE = ['architecture', 'contracts', 'raw-events', 'tables', 'delivery', 'retraining', 'desk', 'champion-history', 'monitoring', 'scorer-monitoring', 'settings', 'operations', 'production', 'security', 'change-the-model']
 
 _spec = importlib.util.spec_from_file_location('fraud_nb_docs_build', ROOT/'docs'/'build.py')
 build = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(build)
