@@ -57,6 +57,15 @@ def test_demo_then_a_dataset_file_trains_and_promotes_a_model_on_the_file(demo):
     assert v2 == '2' and tags2['data'] == str(path) and tags2['data_kind'] == 'raw_events'
     assert tags2['trigger'] == 'data-changed' and tags2['fraud_nb.promotion'].startswith('data-changed: the champion (version 1)')
     assert 'SIMULATED raw events' not in second.stdout       # the producer now replays the file: no simulated-clock claim
+    # both champion moves are recorded changes (issue 14): the first training, then the promotion on the new data
+    from fraud_nb import history
+    from fraud_nb.db import make_engine
+    s = get_settings(env)
+    eng = make_engine(s.database_url)
+    try: changes = [(h['from_version'], h['to_version'], h['actor']) for h in history.champion_history(eng, s.model_name)]
+    finally: eng.dispose()
+    assert changes[-2:] == [('1', '2', 'train'), (None, '1', 'train')], changes   # (a retrainer's promotion may follow)
+    assert history.reconcile_now(s) is None                  # the alias and the history agree
 
     status = cli(env, tmp, 'status', ok=False)
     assert 'DATA MISMATCH' not in status.stderr, status.stderr
