@@ -12,7 +12,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['PREFIX', 'STACK_FILE', 'DEFAULT_REVIEW_COST', 'STACK_ENDPOINTS', 'UserError', 'ConfigError', 'Settings', 'env_vars',
            'read_stack_file', 'with_stack_endpoints', 'get_settings', 'require', 'to_env', 'describe', 'command_parser',
-           'run_command']
+           'database_failure', 'run_command']
 
 # %% ../nbs/00_config.ipynb #9a61d193
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
@@ -171,6 +171,16 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument('--debug', action='store_true', help='show the full traceback when the command fails')
     return p
 
+# %% ../nbs/00_config.ipynb #d70c5ad8
+def database_failure(e: BaseException) -> str | None:
+    "One line for a database that does not answer or a URL that does not parse (never the URL: it may hold a password)."
+    names = {c.__name__ for c in type(e).__mro__ if c.__module__.startswith('sqlalchemy')}
+    if 'ArgumentError' in names: return 'FRAUD_NB_DATABASE_URL is not a valid SQLAlchemy database URL'
+    if not names & {'OperationalError', 'InterfaceError'}: return None
+    first = str(getattr(e, 'orig', None) or '').strip().splitlines()
+    return ('the database does not answer' + (f' ({first[0][:160]})' if first else '') +
+            '; check FRAUD_NB_DATABASE_URL, or `fraud-nb status` for the embedded stack')
+
 # %% ../nbs/00_config.ipynb #08d82e40
 def run_command(parser: argparse.ArgumentParser, argv: list[str], main: Callable[[argparse.Namespace], int | None]) -> int:
     "Parse `argv`, run `main(args)` and return its exit code; a `UserError` is one line on stderr and exit code 2."
@@ -182,3 +192,7 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str], main: Callable
         print(f'{parser.prog}: {e}', file=sys.stderr); return 2
     except KeyboardInterrupt:
         print(f'{parser.prog}: interrupted', file=sys.stderr); return 130
+    except Exception as e:   # an unreachable database is an expected failure of every command that needs one
+        why = None if getattr(args, 'debug', False) else database_failure(e)
+        if why is None: raise
+        print(f'{parser.prog}: {why}', file=sys.stderr); return 2
