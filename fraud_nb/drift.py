@@ -58,6 +58,8 @@ class Binner:
         self.n_bins = np.array([len(e) + 1 for e in self.edges], np.int64)
         self.width = int(self.n_bins.max())
         self.offsets = np.arange(len(self.edges), dtype=np.int64) * self.width
+        self.padded = np.full((len(self.edges), self.width - 1), np.nan)   # edges, one row per column, padded with NaN
+        for j, e in enumerate(self.edges): self.padded[j, :len(e)] = e
 
 SCORE = '__score__'   # the feature name of the score in feature_rollup
 
@@ -66,13 +68,16 @@ from fastcore.basics import patch
 
 @patch
 def index(self: Binner, X: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    "Each row's bin per feature and for the score (last column): int16 `(n, n_features + 1)`."
+    "Each row's bin per feature and for the score (last column), `searchsorted(edges, x, side='right')`: int16 `(n, n_features + 1)`."
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != len(self.edges) - 1:
         raise ValueError(f'expected {len(self.edges) - 1} feature columns, got shape {X.shape}')
-    out = np.empty((len(X), len(self.edges)), np.int16)
-    for j, e in enumerate(self.edges[:-1]): out[:, j] = np.searchsorted(e, X[:, j], side='right')
-    out[:, -1] = np.searchsorted(self.edges[-1], np.asarray(probs, dtype=np.float64), side='right')
+    V = np.empty((len(X), len(self.edges))); V[:, :-1] = X; V[:, -1] = probs
+    out = np.zeros(V.shape, np.int16)
+    with np.errstate(invalid='ignore'):
+        for k in range(self.padded.shape[1]): out += V >= self.padded[:, k]   # edges <= x, all columns at once (NaN pads: never)
+    nan = np.isnan(V)
+    if nan.any(): out[nan] = np.broadcast_to(self.n_bins - 1, V.shape)[nan]   # NaN: the top bin, as searchsorted puts it
     return out
 
 @patch

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROLLUP_SQL', 'REPLAY_SQL', 'FEATURE_ROLLUP_SQL',
-           'FEATURE_ROLLUP_ROW', 'SHADOW_SQL', 'STATS_SQL', 'replay_sql', 'Monitoring', 'add_monitoring', 'WriteResult',
-           'BatchWriter', 'latency_bins', 'histogram_percentiles', 'Stats', 'StatsWriter', 'peak_rss_bytes']
+           'FEATURE_ROLLUP_ROW', 'SHADOW_SQL', 'SHADOW_COPY_SQL', 'STATS_SQL', 'replay_sql', 'Monitoring',
+           'shadow_copy_text', 'add_monitoring', 'WriteResult', 'BatchWriter', 'latency_bins', 'histogram_percentiles',
+           'Stats', 'StatsWriter', 'peak_rss_bytes']
 
 # %% ../nbs/13a_scorer_db.ipynb #f423e07f
 _COLS = ', '.join(COPY_COLUMNS)
@@ -83,6 +84,19 @@ FROM unnest(%(ids)s::text[], %(probs)s::float8[]) AS u(t, p)
 ON CONFLICT (tx_id, model_version) DO NOTHING"""
 
 # %% ../nbs/13a_scorer_db.ipynb #40a87281
+import datetime as _dt
+SHADOW_COPY_SQL = 'COPY shadow_scores (tx_id, model_version, probability, is_fraud, threshold, scored_at) FROM STDIN'
+_ESC = str.maketrans({'\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r'})
+
+def shadow_copy_text(m: Monitoring, now_us: int) -> bytes:
+    "The COPY text of `m`'s shadow rows, scored at `now_us` (Unix microseconds)."
+    at = (_dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc) + _dt.timedelta(microseconds=now_us)).isoformat()
+    thr, p = float(m.shadow_threshold), np.asarray(m.shadow_prob, np.float64)
+    mid, end = f'\t{str(m.shadow_version).translate(_ESC)}\t', f'\t{thr!r}\t{at}\n'
+    flags = np.where(p >= thr, '\tt', '\tf')
+    return ''.join(f'{str(t).translate(_ESC)}{mid}{q}{f}{end}' for t, q, f in zip(m.tx_ids, p.astype(str), flags)).encode()
+
+# %% ../nbs/13a_scorer_db.ipynb #5880fe74
 def add_monitoring(cur, m: Monitoring | None, now_us: int, inserted: set | None = None):
     "Add `m`'s counts to the minute's `feature_rollup` and insert its shadow scores, for the rows inserted (all, or the ids in `inserted`)."
     if m is None: return
@@ -91,10 +105,11 @@ def add_monitoring(cur, m: Monitoring | None, now_us: int, inserted: set | None 
     if m.bins is not None:
         rows = [(now_us // 60_000_000 * 60, m.version, f, c) for f, c in m.binner.rows(m.binner.counts(m.bins, mask))]
         psycopg2.extras.execute_values(cur, FEATURE_ROLLUP_SQL, rows, template=FEATURE_ROLLUP_ROW)
-    if m.shadow_prob is not None:
-        ids, probs = (list(m.tx_ids), m.shadow_prob) if mask is None else ([t for t, k in zip(m.tx_ids, mask) if k], m.shadow_prob[mask])
-        cur.execute(SHADOW_SQL, dict(version=m.shadow_version, threshold=float(m.shadow_threshold), s=now_us // 1_000_000,
-                                     us=now_us % 1_000_000, ids=[str(t) for t in ids], probs=np.asarray(probs, np.float64).tolist()))
+    if m.shadow_prob is None: return
+    if mask is None: return _copy(cur, SHADOW_COPY_SQL, shadow_copy_text(m, now_us))   # all new: no shadow row can exist yet
+    ids, probs = [t for t, k in zip(m.tx_ids, mask) if k], m.shadow_prob[mask]
+    cur.execute(SHADOW_SQL, dict(version=m.shadow_version, threshold=float(m.shadow_threshold), s=now_us // 1_000_000,
+                                 us=now_us % 1_000_000, ids=[str(t) for t in ids], probs=np.asarray(probs, np.float64).tolist()))
 
 # %% ../nbs/13a_scorer_db.ipynb #b2debcb1
 @dataclass
