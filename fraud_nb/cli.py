@@ -148,7 +148,8 @@ def _on_mismatch(settings, why: str, demo: bool):
         print(f'*** scores come from a model that never saw this data: run `fraud-nb up --demo` or `fraud-nb train --alias champion` ***\n', file=sys.stderr)
         return
     print('demo: training a model on the data the system is fed and promoting it ...', file=sys.stderr)
-    code = registry.train_main([*_train_args(settings), '--alias', 'champion', '--trigger', 'data-changed'], settings=settings)
+    code = registry.train_main([*_train_args(settings), '--alias', 'champion', '--trigger', 'data-changed',
+                                '--reason', f'data-changed: {why}'], settings=settings)
     if code: raise UserError(f'training on the new data failed (exit code {code}); the old champion stays')
     v = registry.champion_version(settings)
     registry._client(settings).set_model_version_tag(settings.model_name, v, 'fraud_nb.promotion', f'data-changed: {why}')
@@ -180,9 +181,11 @@ def _up(a) -> int:
         if (why := data_mismatch(ss)) is not None and _on_mismatch(ss, why, a.demo): _stop_service(stack, 'producer')
         stack.up(apps=APPS)
     _print_status(stack)
+    if not a.core and not stack.settings.analysts:
+        print(f'\nanalyst desk: log in as `demo` with the token in {stack.dir/"analyst-token"} (set FRAUD_NB_ANALYSTS for your own analysts)')
     if not a.core and not find_dataset(s):
         print('\nthe producer streams SIMULATED raw events on an accelerated clock: a simulated day passes in about '
-              f'{4000 / max(s.produce_rate, 1):.0f} s; event times shown (dashboard, alerts) are simulated times from 2026-01-01')
+              f'{4000 / max(s.produce_rate, 1):.0f} s; event times shown (dashboard, alerts) are simulated times from 2026-02-05 (after the 35 simulated days the first champion trained on)')
 
 def up_main(argv: list[str]) -> int:
     "`fraud-nb up`: start the embedded stack, train a first champion if needed, start the system's services."
@@ -223,7 +226,9 @@ def _status(a) -> int:
     if a.json:
         rows = stack.status(); print(json.dumps({'state_dir': str(stack.dir), 'services': rows}, indent=2))
     else: rows = _print_status(stack)
-    if rows and not a.json and all(r['healthy'] for r in rows if r['service'] in ('postgres', 'mlflow')): _warn_mismatch(stack)  # needs the store
+    if rows and not a.json and all(r['healthy'] for r in rows if r['service'] in ('postgres', 'mlflow')):   # needs the store
+        _warn_mismatch(stack)
+        _warn_unrecorded(stack)
     return 0 if rows and all(r['healthy'] for r in rows) else 1
 
 def _warn_mismatch(stack):
@@ -231,6 +236,11 @@ def _warn_mismatch(stack):
     try: why = data_mismatch(stack.service_settings())
     except Exception as e: why = None; print(f'(could not compare the champion with the data: {e})', file=sys.stderr)
     if why: print(f'\n*** DATA MISMATCH: {why} ***', file=sys.stderr)
+
+def _warn_unrecorded(stack):
+    "`status` records and shows a champion change made behind the system's back (`fraud_nb.history.reconcile`)."
+    from fraud_nb.history import reconcile_now
+    if (found := reconcile_now(stack.service_settings())): print(f"\n*** {found['warning']} ***", file=sys.stderr)
 
 def status_main(argv: list[str]) -> int:
     "Print the stack's services; exit 1 if one is dead or unhealthy, or nothing runs."

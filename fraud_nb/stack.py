@@ -85,7 +85,9 @@ APP_SERVICES: dict[str, AppService] = {
 CORE = ('postgres', 'kafka', 'mlflow')
 
 # %% ../nbs/10_stack.ipynb #52939f53
-SIMULATED_STREAM = ['--simulate', '--customers', '2000', '--terminals', '4000', '--seed', '1']
+# the world of data.SIMULATED_DEFAULT (2,000 cards, 4,000 terminals, seed 0), streamed from the day after its 35 days of
+# history: the first champion trained on that history, so everything it scores is new to it (no overlap of clocks)
+SIMULATED_STREAM = ['--simulate', '--customers', '2000', '--terminals', '4000', '--seed', '0', '--from-day', '35']
 
 def producer_argv(settings: Settings) -> list[str]:
     "The demo producer's command line: replay the user's dataset, else stream simulated raw events."
@@ -246,6 +248,9 @@ def _start_app(self: Stack, state: dict, svc: AppService) -> dict:
         raise UserError(f'dashboard: port {s.host}:{s.dashboard_port} is taken by {describe_owner(s.dashboard_port, s.host)}; '
                         f'stop it or set FRAUD_NB_DASHBOARD_PORT to a free port')
     if not s.label_secrets: s = replace(s, label_secrets=ensure_label_secrets(self.dir))   # the sink verifies, the producer signs
+    if svc.name == 'dashboard' and not s.analysts:   # the desk's demo analyst; its token stays in a 0600 file of the state dir
+        from fraud_nb.desk import demo_analyst
+        s = replace(s, analysts=demo_analyst(self.dir)[2])
     env = {**to_env(s), 'PYTHONUNBUFFERED': '1'}
     argv = svc.argv(s) if callable(svc.argv) else svc.argv
     p = spawn([sys.executable, '-m', 'fraud_nb.cli', *argv], self.log_path(svc.name), env=env, cwd=Path.cwd())

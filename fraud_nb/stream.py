@@ -291,10 +291,10 @@ def raw_passes(df: pd.DataFrame, loop: bool = False):
         p += 1
         if not loop: return
 
-def simulated_frames(customers: int = 5_000, terminals: int = 10_000, seed: int = 0, start='2026-01-01'):
-    "Endless simulated days (`fraud_nb.simulator.stream_days`)."
+def simulated_frames(customers: int = 5_000, terminals: int = 10_000, seed: int = 0, start='2026-01-01', from_day: int = 0):
+    "Endless simulated days (`fraud_nb.simulator.stream_days`), the first `from_day` days lived through but not sent."
     from fraud_nb.simulator import stream_days
-    yield from stream_days(customers, terminals, seed, start)
+    yield from stream_days(customers, terminals, seed, start, from_day=from_day)
 
 # %% ../nbs/11_stream.ipynb #fb05c778
 class RawReplayer(Replayer):
@@ -374,9 +374,9 @@ def _drift(on: bool):
 def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[RawReplayer, str]:
     "The raw-event replayer of `--simulate` (endless, each day through `shift` if given) or of a raw-event dataset, and its start message."
     if a.simulate:
-        frames, what = map(shift or (lambda d: d), simulated_frames(a.customers, a.terminals, a.seed)), (
+        frames, what = map(shift or (lambda d: d), simulated_frames(a.customers, a.terminals, a.seed, from_day=a.from_day)), (
             f'SIMULATED raw events ({a.customers:,} cards, {a.terminals:,} terminals, seed {a.seed}), endless; event_time is '
-            f'SIMULATED time from 2026-01-01, accelerated: the simulated clock runs as fast as the rate sends a day\'s transactions')
+            f'SIMULATED time from {(pd.Timestamp("2026-01-01") + pd.Timedelta(days=a.from_day)).date()}, accelerated: the simulated clock runs as fast as the rate sends a day\'s transactions')
     else: frames, what = raw_passes(df, a.loop), f'raw events {df.event_time.min()} .. {df.event_time.max()} (event_time is the dataset\'s time)'
     r = RawReplayer(s, frames, rate=a.rate, label_delay_days=a.label_delay_days, labels=not a.no_labels)
     return r, what + ('' if a.no_labels else f'; labels {a.label_delay_days:g} days of event time later')
@@ -422,6 +422,7 @@ def produce_main(argv: list[str]) -> int:
     p.add_argument('--simulate', action='store_true', help='stream freshly simulated raw events, endlessly (event_time is simulated time)')
     p.add_argument('--customers', type=int, default=5_000, help='cards of --simulate')
     p.add_argument('--terminals', type=int, default=10_000, help='terminals of --simulate')
+    p.add_argument('--from-day', type=int, default=0, help='--simulate: start after that many simulated days of the same world (e.g. after the training history)')
     p.add_argument('--label-delay-days', type=float, default=7.0, help='raw events: days of event time before a label is published')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None, help='progress bar (if not given: when stderr is a terminal)')
     return run_command(p, argv, _produce)
