@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from .data import SPLIT, LABEL, SIMULATED_DEFAULT, DatasetSource, dataset_source, synthetic_transactions, time_split
 from .model import FraudModel, FEATURES, make_features, fit_model, train_model
+from .drift import REFERENCE_ARTIFACT
 from . import evaluation as ev
 
 # %% auto #0
@@ -104,6 +105,7 @@ def register_model(model: FraudModel, settings: Settings, *, metrics: dict, para
         mlflow.log_metrics(_finite_metrics(metrics) | {f'train_{k}': v for k, v in _finite_metrics(model.metrics).items()})
         mlflow.set_tags({'feature_version': model.feature_version, 'threshold': repr(model.threshold), **(tags or {})})
         for name, fig in (figures or {}).items(): mlflow.log_figure(fig, f'plots/{name}.png')
+        if model.reference is not None: mlflow.log_dict(model.reference, REFERENCE_ARTIFACT)   # what drift is measured against
         info = mlflow.xgboost.log_model(model.booster, name='model', signature=signature, input_example=example,
                                         pip_requirements=_requirements(), model_format='ubj')
     version_tags = {'threshold': repr(float(model.threshold)), 'features': json.dumps(model.features),
