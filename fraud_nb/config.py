@@ -16,6 +16,9 @@ __all__ = ['PREFIX', 'STACK_FILE', 'DEFAULT_REVIEW_COST', 'STACK_ENDPOINTS', 'Us
 
 # %% ../nbs/00_config.ipynb #9a61d193
 os.environ.setdefault('MLFLOW_DISABLE_TELEMETRY', 'true')
+# an MLflow server started by fraud_nb (the UI of the embedded stack) runs no MLflow job runner: fraud_nb has no
+# MLflow jobs, and the runner starts ~8 worker processes that slow a 2-core machine and the UI's start
+os.environ.setdefault('MLFLOW_SERVER_ENABLE_JOB_EXECUTION', 'false')
 
 # %% ../nbs/00_config.ipynb #1ae912cc
 class UserError(Exception):
