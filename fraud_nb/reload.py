@@ -131,6 +131,13 @@ def _try_load(self: ModelWatcher, version: str):
     log.info('model version %s loaded and vetted in %.2f s (threshold %.4f)', version, time.monotonic() - t0, model.threshold)
     return model
 
+# %% ../nbs/12_reload.ipynb #4b064a59
+def _record_if_unrecorded(source):
+    "Record a champion move the history does not have yet (never raises: the history must not stop the scoring)."
+    if isinstance(source, RegistrySource) and source.alias == 'champion':
+        from fraud_nb.history import reconcile_now
+        reconcile_now(source.settings)
+
 # %% ../nbs/12_reload.ipynb #d68681ae
 @patch
 def check(self: ModelWatcher) -> bool:
@@ -141,6 +148,7 @@ def check(self: ModelWatcher) -> bool:
     v = str(v)
     with self._lock: known = {getattr(self.current, 'version', None), getattr(self.pending, 'version', None)}
     if v in known or v in self.refused: return False
+    if self.current is not None: _record_if_unrecorded(self.source)
     model = self._try_load(v)
     if model is None: return False
     with self._lock:

@@ -75,6 +75,18 @@ def test_reconcile_detects_a_hand_made_move(settings):
     finally: eng.dispose()
 
 
+def test_a_scorer_records_a_hand_made_move_before_serving_it(settings):
+    "The scorers' model watcher records a champion move the history lacks before it loads that version (issue 17 item 3)."
+    from fraud_nb.reload import ModelWatcher, RegistrySource
+    v1 = train_champion(settings, seed=3)
+    v2 = train_champion(settings, seed=4, alias=None)
+    w = ModelWatcher(settings, RegistrySource(settings), listen=False)
+    assert w.check() and w.current.version == v1
+    client_of(settings).set_registered_model_alias(settings.model_name, 'champion', v2)   # by hand, in MLflow
+    assert w.check() and w.pending.version == v2
+    assert recorded(settings)[0][:3] == (v1, v2, 'unrecorded')
+
+
 def _register_unservable(settings) -> str:
     "A version whose declared features this fraud_nb does not compute (as if from another release)."
     from fraud_nb.model import FEATURES
