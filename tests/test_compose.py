@@ -580,6 +580,14 @@ def test_label_secrets_and_analysts_reach_only_the_services_that_need_them():
         assert re.search(rf'^{var}=$', ENV_EXAMPLE.read_text(), re.M), f'.env.example: {var}= (empty) missing'
 
 
+def test_only_the_services_that_move_champion_hold_the_mlflow_writer():
+    """Issue 14/17: moving `champion` needs MLflow's writer account: train, the retrainer, and the dashboard (the desk's
+    rollback, offered only to an authenticated analyst); the scorers and the rest read only."""
+    writers = {n for n, svc in services().items() if 'MLFLOW_WRITER_USERNAME' in str(env_of(svc).get('MLFLOW_TRACKING_USERNAME', ''))}
+    readers = {n for n, svc in services().items() if 'MLFLOW_READER_USERNAME' in str(env_of(svc).get('MLFLOW_TRACKING_USERNAME', ''))}
+    assert {'dashboard', 'retrainer'} <= writers and 'scorer' in readers and not writers & readers, (writers, readers)
+
+
 # ------------------------------------------------------------------------------------------ commands
 def test_compose_commands_are_fraud_nb_subcommands():
     from fraud_nb.cli import COMMANDS
