@@ -71,9 +71,10 @@ check: install
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-# Two workers, a test file each (its module fixtures stay in one process); each worker starts its own embedded stack.
+# Two workers, a test file each (its module fixtures stay in one process; tests/conftest.py groups the heavy and the
+# timed files so they never overlap); each worker starts its own embedded stack.
 # Most tests wait on streams and services, so two files at a time roughly halve the suite's wall time on 2 cores.
 pytest: install browser
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 test: install browser check docs nbtest pytest

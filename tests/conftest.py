@@ -24,6 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get('CREDITCARD_CSV') or ROOT.parent/'shared'/'data'/'creditcard.csv.gz')
 ARTIFACTS = ROOT/'test-artifacts'
 
+# `make test` runs two xdist workers, a group of tests each (--dist loadgroup): a group per file, so a file's module
+# fixtures stay in one process. The files that load both cores (10M- and 1M-row loads, the bench) and the one that
+# times the dashboard's answers under attack share one group: they never run at the same time as each other.
+HEAVY_OR_TIMED = {'test_dashboard_scale.py', 'test_desk_scale.py', 'test_scorer.py', 'test_security.py'}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group('heavy-or-timed' if name in HEAVY_OR_TIMED else name))
+
 
 @pytest.fixture(scope='session')
 def stack(tmp_path_factory):
