@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     return resolve(name)(rest) or 0
 
 # %% ../nbs/20_cli.ipynb #1ee88152
-# one simulated week of labels (2,000 cards make ~28,000 transactions a week): a retraining every ~5 min at 100 tx/s
-DEMO = dict(retrain_min_labels=28_000, label_delay_s=10.0, produce_rate=100.0)
+# half a simulated week of labels (2,000 cards make ~28,000 transactions a week): the first run ~7 min after `up`,
+# then one every ~2.5 min at 100 tx/s (a run takes about a minute, at low priority: the scorer keeps its latency)
+DEMO = dict(retrain_min_labels=14_000, label_delay_s=10.0, produce_rate=100.0)
 APPS = ['scorer', 'label-sink', 'retrainer', 'dashboard', 'producer']
 
 def _train_args(settings) -> list[str]:

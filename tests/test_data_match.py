@@ -43,7 +43,7 @@ def test_demo_then_a_dataset_file_trains_and_promotes_a_model_on_the_file(demo):
     assert v1 == '1' and tags1['data'].startswith('simulated:') and tags1['fraud_nb.feature_set'] == 'raw_events'
     assert 'SIMULATED raw events on an accelerated clock' in first.stdout and 'MISMATCH' not in first.stderr
     state = read_stack_file(tmp/'state')
-    assert state['overrides']['retrain_min_labels'] == 28_000       # the demo's settings are kept for restarts
+    assert state['overrides']['retrain_min_labels'] == 14_000       # the demo's settings are kept for restarts
 
     # the user puts a dataset in place (a small raw-event file) and starts the demo again
     path = tmp/'data'/'events.csv'

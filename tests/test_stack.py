@@ -107,11 +107,11 @@ def test_plain_up_keeps_the_settings_the_stack_was_started_with(tmp_path, monkey
     "`up --demo` records its overrides in stack.json; a plain `up` (e.g. restarting a killed producer) uses them again."
     from fraud_nb import cli
     state = tmp_path/'state'; state.mkdir()
-    (state/'stack.json').write_text(json.dumps({'services': {}, 'overrides': {'retrain_min_labels': 28_000, 'produce_rate': 100.0, 'label_delay_s': 10.0}}))
+    (state/'stack.json').write_text(json.dumps({'services': {}, 'overrides': {'retrain_min_labels': 14_000, 'produce_rate': 100.0, 'label_delay_s': 10.0}}))
     for k in list(os.environ):
         if k.startswith('FRAUD_NB_'): monkeypatch.delenv(k)
     monkeypatch.setenv('FRAUD_NB_STATE_DIR', str(state))
     s = cli._settings_of_stack(demo=False)
-    assert (s.retrain_min_labels, s.produce_rate, s.label_delay_s) == (28_000, 100.0, 10.0)
+    assert (s.retrain_min_labels, s.produce_rate, s.label_delay_s) == (14_000, 100.0, 10.0)
     monkeypatch.setenv('FRAUD_NB_PRODUCE_RATE', '7')   # an explicit variable still wins
     assert cli._settings_of_stack(demo=False).produce_rate == 7.0
