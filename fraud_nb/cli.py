@@ -21,8 +21,8 @@ COMMANDS: dict[str, str] = {
     'status':    'fraud_nb.cli:status_main',
     'config':    'fraud_nb.cli:config_main',
     'migrate':   'fraud_nb.cli:migrate_main',
-    'train':     'fraud_nb.registry:train_main',
-    'evaluate':  'fraud_nb.registry:evaluate_main',
+    'train':     'fraud_nb.training:train_main',
+    'evaluate':  'fraud_nb.training:evaluate_main',
     'produce':   'fraud_nb.stream:produce_main',
     'score':     'fraud_nb.scorer:score_main',
     'labels':    'fraud_nb.labels:labels_main',
@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
     'dashboard': 'fraud_nb.dashboard:dashboard_main',
     'lab':       'fraud_nb.lab:lab_main',
     'simulate':  'fraud_nb.simulator:simulate_main',
-    'promote':   'fraud_nb.registry:promote_main',
+    'promote':   'fraud_nb.training:promote_main',
     'rollback':  'fraud_nb.history:rollback_main',
     'monitor':   'fraud_nb.monitor:monitor_main',
     'analyst':   'fraud_nb.desk:analyst_main',
@@ -91,11 +91,11 @@ def _train_args(settings) -> list[str]:
 
 def _ensure_champion(settings, say=print):
     "Train the first champion if there is none (`fraud-nb train --if-no-champion`, on what the producer will send)."
-    from fraud_nb import registry
+    from fraud_nb import registry, training
     if registry.champion_version(settings) is not None: return
     argv = ['--if-no-champion', *_train_args(settings)]
     say(f'no champion model yet: training the first one (fraud-nb train {" ".join(argv)}) ...')
-    code = registry.train_main(argv, settings=settings)
+    code = training.train_main(argv, settings=settings)
     if code: raise UserError(f'the first training failed (exit code {code})')
 
 def _demo_settings(s, say=print):
@@ -143,13 +143,13 @@ def data_mismatch(settings) -> str | None:
 # %% ../nbs/20_cli.ipynb #044a797b
 def _on_mismatch(settings, why: str, demo: bool):
     "Say it loudly; in the demo, train on the fed data and promote it, with the reason recorded."
-    from fraud_nb import registry
+    from fraud_nb import registry, training
     print(f'\n*** DATA MISMATCH: {why} ***', file=sys.stderr)
     if not demo:
         print(f'*** scores come from a model that never saw this data: run `fraud-nb up --demo` or `fraud-nb train --alias champion` ***\n', file=sys.stderr)
         return
     print('demo: training a model on the data the system is fed and promoting it ...', file=sys.stderr)
-    code = registry.train_main([*_train_args(settings), '--alias', 'champion', '--trigger', 'data-changed',
+    code = training.train_main([*_train_args(settings), '--alias', 'champion', '--trigger', 'data-changed',
                                 '--reason', f'data-changed: {why}'], settings=settings)
     if code: raise UserError(f'training on the new data failed (exit code {code}); the old champion stays')
     v = registry.champion_version(settings)

@@ -45,7 +45,7 @@ def test_every_move_is_recorded_with_its_tags(settings):
 
 
 def test_cli_promote_is_recorded_with_the_os_user(settings, capsys):
-    from fraud_nb.registry import promote_main
+    from fraud_nb.training import promote_main
     v1 = train_champion(settings, seed=3)
     v2 = train_champion(settings, seed=4, alias=None)
     assert promote_main([v2, '--reason', 'ab test won'], settings=settings) == 0, capsys.readouterr().err

@@ -13,7 +13,7 @@ from conftest import fraud_nb_cmd, service_env
 from fraud_nb.data import DatasetSource
 from fraud_nb.features import RAW_EVENTS
 from fraud_nb.model import DEFAULT_PARAMS
-from fraud_nb.registry import raw_features
+from fraud_nb.training import raw_features
 
 RAW_ONLY = ['amount', 'hour', 'weekend', 'night']
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fraud_nb import registry
+from fraud_nb import training
 from fraud_nb.data import load_transactions, time_split
 
 from conftest import REAL_DATA
@@ -27,10 +27,10 @@ def test_real_file_loads_and_splits():
 
 
 def test_champion_reaches_the_quality_floor(settings, capsys):
-    assert registry.train_main(['--data', str(REAL_DATA), '--json'], settings=settings) == 0
+    assert training.train_main(['--data', str(REAL_DATA), '--json'], settings=settings) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained['aliases'] == ['champion'] and trained['synthetic'] is False
-    assert registry.evaluate_main(['--data', str(REAL_DATA), '--json'], settings=settings) == 0
+    assert training.evaluate_main(['--data', str(REAL_DATA), '--json'], settings=settings) == 0
     m = json.loads(capsys.readouterr().out)['metrics']
     with capsys.disabled(): print(f"real data, last 20 % by time: AP {m['average_precision']:.4f}, ROC AUC {m['roc_auc']:.4f}, "
           f"precision {m['precision']:.3f}, recall {m['recall']:.3f}, saved {m['saved_vs_flag_none']:.0f} of "

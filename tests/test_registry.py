@@ -1,12 +1,13 @@
 """The MLflow registry on the stack's real PostgreSQL-backed store: register, alias, load, compare, the CLI as a process.
 
-The command functions (train_main, evaluate_main: options, errors, exit codes) are tested in nbs/06_registry."""
+The commands `fraud-nb train`, `evaluate` and `promote` live in fraud_nb.training (nbs/06b_train, where their options, errors and
+exit codes are tested); here they run against this store."""
 import json, subprocess
 
 import numpy as np
 import pytest
 
-from fraud_nb import registry
+from fraud_nb import registry, training
 from fraud_nb.data import synthetic_transactions, time_split
 from fraud_nb.model import FEATURES, train_model
 from fraud_nb.evaluation import evaluate, plot_pr_curve
@@ -97,7 +98,7 @@ def test_evaluate_reports_the_rows_a_version_learnt_from_the_stream(settings, tm
     sample = tmp_path/'sample.csv'
     df = synthetic_transactions(20_000, seed=2, fraud_rate=0.02)
     df.to_csv(sample, index=False)
-    assert registry.train_main(['--data', str(sample), '--n-estimators', '30', '--json'], settings=settings) == 0
+    assert training.train_main(['--data', str(sample), '--n-estimators', '30', '--json'], settings=settings) == 0
     capsys.readouterr()
     streamed = time_split(df)[2].head(500)                       # the producer streamed these test rows, and they were labelled
     t0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -113,7 +114,7 @@ def test_evaluate_reports_the_rows_a_version_learnt_from_the_stream(settings, tm
 
     def evaluate(train_end):
         client.set_model_version_tag(settings.model_name, '1', 'fraud_nb.train_end', train_end.isoformat())
-        assert registry.evaluate_main(['--data', str(sample), '--json'], settings=settings) == 0
+        assert training.evaluate_main(['--data', str(sample), '--json'], settings=settings) == 0
         out = capsys.readouterr()
         return json.loads(out.out), out.err
 

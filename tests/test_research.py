@@ -12,7 +12,7 @@ import nbformat
 
 from conftest import ROOT, fraud_nb_cmd, service_env
 from scorer_helpers import query, start_scorer, stop, tail, wait_for
-from fraud_nb import registry
+from fraud_nb import registry, training
 from fraud_nb.data import DatasetSource, synthetic_transactions
 from fraud_nb.model import train_model
 
@@ -24,7 +24,7 @@ def register_champion(settings) -> str:
     source = DatasetSource.generated(20_000, seed=3, fraud_rate=0.01)
     parts = source.parts()
     model = train_model(parts['train'], parts['valid'], n_estimators=40, seed=3)
-    return registry.register_model(model, settings, metrics={}, tags=registry.data_tags(source), alias='champion')
+    return registry.register_model(model, settings, metrics={}, tags=training.data_tags(source), alias='champion')
 
 
 def stream_labelled(settings, tmp_path, n: int, rate: float):

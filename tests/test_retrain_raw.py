@@ -1,4 +1,4 @@
-"""Retraining on raw events (issues 12 and 13) against the real stack: a raw-event champion trained through the registry's
+"""Retraining on raw events (issues 12 and 13) against the real stack: a raw-event champion trained through `fraud-nb train`'s
 code path on a small simulated world, the same world's next 20 days streamed through the real scorer and label sink (the
 demo's stream continues the first champion's history; the scored rows, their stored features and label_seq are the
 scorer's own), then a real papermill run of nbs/retrain.ipynb. (A stream on a clock that overlaps the history, where the
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pandas as pd
 import sqlalchemy as sa
 
-from fraud_nb import db, registry, retrain
+from fraud_nb import db, registry, retrain, training
 from fraud_nb.data import DatasetSource
 from fraud_nb.features import RAW_EVENTS
 from fraud_nb.simulator import stream_days
@@ -23,9 +23,9 @@ HISTORY = DatasetSource.generated(28, 0, 'simulated', customers=500, terminals=8
 
 
 def raw_champion(settings) -> str:
-    "`fraud-nb train`'s raw-event fit (registry._fit_raw: RAW_EVENTS.batch over the history, fit_model, alert-budget threshold), registered as champion."
+    "`fraud-nb train`'s raw-event fit (training._fit_raw: RAW_EVENTS.batch over the history, fit_model, alert-budget threshold), registered as champion."
     a = SimpleNamespace(n_estimators=80, no_refit=False, seeds=1, seed=0, review_cost=None)
-    model, metrics, _, tags, _ = registry._fit_raw(a, settings, HISTORY)
+    model, metrics, _, tags, _ = training._fit_raw(a, settings, HISTORY)
     return registry.register_model(model, settings, metrics=metrics, tags=tags, alias='champion')
 
 
