@@ -184,8 +184,9 @@ def line(self: ProduceSummary) -> str:
 class Replayer:
     "Replays a DataFrame of transactions (with `Class` if labels should follow) into Kafka."
     def __init__(self, settings: Settings, df: pd.DataFrame, *, rate: float | None = None, label_delay_s: float | None = None,
-                 prefix: str | None = None, producer=None, max_pending_labels: int = 1_000_000):
+                 prefix: str | None = None, producer=None, max_pending_labels: int = 1_000_000, tick_s: float | None = None):
         self.s = settings
+        self.tick_s = settings.produce_tick_ms / 1000 if tick_s is None else tick_s   # one burst of rate * tick_s transactions per tick
         self.df = df.sort_values('Time', kind='stable').reset_index(drop=True)
         self.X = self.df[NUMERIC_FIELDS].to_numpy(dtype=np.float64)
         self.y = self.df[LABEL].to_numpy() if LABEL in self.df.columns else None
@@ -257,7 +258,7 @@ def run(self: Replayer, n: int | None = None, loop: bool = False, progress: bool
     "Send `n` transactions (default: the whole frame once; with `loop`, forever) and their labels; return the summary."
     from tqdm.auto import tqdm
     total = n if n is not None else (None if loop else len(self.df))
-    chunk = 5000 if not self.rate else int(max(1, min(1000, self.rate / 50)))
+    chunk = 5000 if not self.rate else int(max(1, min(1000, self.rate * self.tick_s)))
     bar = tqdm(total=total, unit='tx', disable=not progress, mininterval=0.5, desc='produce')
     t0 = time.monotonic(); sent = 0; row = 0; p = 0
     try:
@@ -300,8 +301,9 @@ def simulated_frames(customers: int = 5_000, terminals: int = 10_000, seed: int 
 class RawReplayer(Replayer):
     "Replays raw events (frames in event-time order) keyed by `card_id`; labels follow after `label_delay_days` of event time."
     def __init__(self, settings: Settings, frames, *, rate: float | None = None, label_delay_days: float = 7.0, labels: bool = True,
-                 prefix: str | None = None, producer=None, max_pending_labels: int = 1_000_000):
+                 prefix: str | None = None, producer=None, max_pending_labels: int = 1_000_000, tick_s: float | None = None):
         self.s, self.frames, self.with_labels = settings, frames, labels
+        self.tick_s = settings.produce_tick_ms / 1000 if tick_s is None else tick_s
         self.rate = settings.produce_rate if rate is None else rate
         self.labels = LabelScheduler(label_delay_days * 86_400, max_pending_labels)
         self.prefix = prefix or run_prefix()
@@ -330,7 +332,7 @@ def _send_raw(self: RawReplayer, t0: float, sent: int, part: pd.DataFrame):
 @patch
 def run(self: RawReplayer, n: int | None = None, progress: bool = False) -> ProduceSummary:
     "Send `n` raw events (default: every frame) and their labels; the labels still pending at the end go out then."
-    chunk, t0, sent = 5000 if not self.rate else int(max(1, min(1000, self.rate / 50))), time.monotonic(), 0
+    chunk, t0, sent = 5000 if not self.rate else int(max(1, min(1000, self.rate * self.tick_s))), time.monotonic(), 0
     try:
         for df in self.frames:
             for row in range(0, len(df), chunk):
