@@ -86,7 +86,7 @@ class Settings:
     dashboard_page_lifetime_s: float = _setting(3600.0, 'how long one dashboard page lives before it asks to be reloaded, in s', _positive)
     mlflow_ui_port: int = _setting(5000, 'port of the optional MLflow UI', _port)
     produce_rate: float = _setting(200.0, 'transactions per second the demo producer sends (0: as fast as possible)', _non_negative)
-    produce_tick_ms: float = _setting(20.0, 'the producer sends a burst of transactions this often, in ms: each burst leaves as about one record batch per partition (the demo: 250)', _positive)
+    produce_tick_ms: float = _setting(20.0, 'the producer sends a burst of transactions this often, in ms: each burst leaves as about one record batch per partition (the demo: 1000)', _positive)
     label_delay_s: float = _setting(30.0, 'delay before a transaction\'s label is published, in s', _non_negative)
     log_level: str = _setting('INFO', 'log level of the services', _level)
     label_secrets: str = _setting('', 'source:secret,... shared secrets of the trusted label sources (HMAC-SHA256 signatures); '
