@@ -106,7 +106,7 @@ def _demo_settings(s, say=print):
     "`s` with the `DEMO` values, except those set by `FRAUD_NB_*` variables."
     s = replace(s, **{k: v for k, v in DEMO.items() if f'FRAUD_NB_{k.upper()}' not in os.environ})
     say(f'demo mode: retraining after {s.retrain_min_labels:,} new labels, labels arrive {s.label_delay_s:.0f} s after '
-        f'their transaction (7 simulated days for simulated raw events), producer at {s.produce_rate:.0f} tx/s')
+        f'their transaction (7 simulated days for simulated raw events), producer at {s.produce_rate:.0f} tx/s in a burst every {s.produce_tick_ms:g} ms')
     return s
 
 # %% ../nbs/20_cli.ipynb #67bdb961
