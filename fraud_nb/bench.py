@@ -18,7 +18,7 @@ from .stream import make_producer, run_prefix, Replayer
 
 # %% auto #0
 __all__ = ['TARGETS', 'fill_topic', 'raw_consume', 'per_message_baseline', 'start_scorer', 'scorer_end_to_end', 'steady_latency',
-           'raw_events_bench', 'raw_latency', 'summarize', 'format_report', 'run_bench', 'bench_main']
+           'raw_events_bench', 'raw_latency', 'raw_figures', 'summarize', 'format_report', 'run_bench', 'bench_main']
 
 # %% ../nbs/19_bench.ipynb #c632e6a1
 def _create_topic(settings: Settings, topic: str, partitions: int = 4):
@@ -246,6 +246,9 @@ def raw_latency(s: Settings, h: pd.DataFrame, rate: float, steady_s: float, work
     "One (d) run of the raw-event path, into a fresh database (the card state starts empty, as in (c))."
     return steady_latency(replace(s, database_url=_fresh_database(s, f'bench_raw_d{i}')), h, rate, steady_s, work, offer=_offer_raw)
 
+def raw_figures(c: dict, d: dict) -> dict:
+    "`raw_events` in the results: the (c) figures of `raw_events_bench` with the median (d) run's latency."
+    return c | {k: d[k] for k in ('p99_ms', 'p50_ms', 'p95_ms', 'offered_rate', 'runs_p99_ms')} | {'peak_rss_mb': max(c['peak_rss_mb'], d['peak_rss_mb'])}
 
 # %% ../nbs/19_bench.ipynb #5b367da0
 TARGETS = dict(c_over_a=0.5, c_over_b=30.0, p99_ms=100.0)
@@ -373,8 +376,8 @@ def _measure(s: Settings, topic: str, model, work: Path, n: int, baseline_n: int
     res['c_scorer'], res['c_monitor'], res['c_shadow'] = (_median_run(c_runs[k]) for k in ('plain', 'monitor', 'shadow'))
     return res
 
-def _latency_runs(s: Settings, X: np.ndarray, raw: tuple | None, rate: float, steady_s: float, work: Path, d_runs: int, say) -> tuple:
-    "(d) `d_runs` times, each prefeaturized run followed by a raw-event one (`raw`: its settings and history): the median runs."
+def _latency_runs(s: Settings, X: np.ndarray, raw: tuple, rate: float, steady_s: float, work: Path, d_runs: int, say) -> tuple:
+    "(d) `d_runs` times, each prefeaturized run followed by a raw-event one (`raw`: its settings and history, or empty): the median runs."
     pre, on_raw = [], []
     for i in range(d_runs):
         pre.append(steady_latency(s, X, rate, steady_s, work)); say(f"(d) run {i + 1}: p99 {pre[-1]['p99_ms']:.1f} ms")
@@ -407,10 +410,9 @@ def run_bench(n: int = 200_000, baseline_n: int = 5_000, rate: float = 2_000, st
                               trees=trees, cpus=os.cpu_count(), loadavg=round(load, 2), baseline_n=baseline_n, rate=rate, steady_s=steady_s,
                               produce_rate=produce_rate, d_runs=d_runs)}
         res.update(_measure(s, topic, model, work, n, baseline_n, c_runs_n, say))
-        raw = raw_events_bench(s, raw_n, work, res['c_monitor']['steady_rate'], say) if raw_n else None
-        res['d_latency'], raw_d = _latency_runs(s, X, raw and raw[1:], rate, steady_s, work, d_runs, say)
-        if raw: res['raw_events'] = raw[0] | {k: raw_d[k] for k in ('p99_ms', 'p50_ms', 'p95_ms', 'offered_rate', 'runs_p99_ms')} | {
-            'peak_rss_mb': max(raw[0]['peak_rss_mb'], raw_d['peak_rss_mb'])}
+        raw_c, *raw_offer = raw_events_bench(s, raw_n, work, res['c_monitor']['steady_rate'], say) if raw_n else (None,)
+        res['d_latency'], raw_d = _latency_runs(s, X, raw_offer, rate, steady_s, work, d_runs, say)
+        if raw_c: res['raw_events'] = raw_figures(raw_c, raw_d)
         res['config']['loadavg_after'] = round(os.getloadavg()[0], 2)
         ok = True
         return summarize(res)

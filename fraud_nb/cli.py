@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     return resolve(name)(rest) or 0
 
 # %% ../nbs/20_cli.ipynb #1ee88152
-# half a simulated week of labels (2,000 cards make ~28,000 transactions a week): the first run ~7 min after `up`,
-# then one every ~2.5 min at 100 tx/s (a run takes about a minute, at low priority: the scorer keeps its latency)
-# a burst a second (100 transactions, about one record batch per partition) rather than every 20 ms (about one batch per
+# Retraining after half a simulated week of labels (2,000 cards make ~28,000 transactions a week): the first run ~7 min
+# after `up`, then one every ~2.5 min at 100 tx/s (measured: 10-16 s each, at low priority).
+# The producer sends a burst a second (about one record batch per partition) rather than every 20 ms (about one batch per
 # message): the embedded broker (Tansu's memory store) spends CPU on every fetch in proportion to the batches a partition
 # holds, and keeps them all. With a batch per message it took a whole core after ~10 minutes and the scorer's p99 passed
-# 300 ms; with 250 ms bursts the p99 still rose to ~90 ms after 25 minutes
+# 300 ms; with 250 ms bursts the p99 still rose to ~90 ms after 25 minutes; with 1 s bursts it stayed at 44-54 ms.
 DEMO = dict(retrain_min_labels=14_000, label_delay_s=10.0, produce_rate=100.0, produce_tick_ms=1000.0)
 APPS = ['scorer', 'label-sink', 'retrainer', 'dashboard', 'producer']
 

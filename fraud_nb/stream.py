@@ -186,7 +186,7 @@ class Replayer:
     def __init__(self, settings: Settings, df: pd.DataFrame, *, rate: float | None = None, label_delay_s: float | None = None,
                  prefix: str | None = None, producer=None, max_pending_labels: int = 1_000_000, tick_s: float | None = None):
         self.s = settings
-        self.tick_s = settings.produce_tick_ms / 1000 if tick_s is None else tick_s   # one burst of rate * tick_s transactions per tick
+        self.tick_s = settings.produce_tick_ms / 1000 if tick_s is None else tick_s   # `_burst` transactions each tick
         self.df = df.sort_values('Time', kind='stable').reset_index(drop=True)
         self.X = self.df[NUMERIC_FIELDS].to_numpy(dtype=np.float64)
         self.y = self.df[LABEL].to_numpy() if LABEL in self.df.columns else None
@@ -198,6 +198,12 @@ class Replayer:
         self.stop_event = threading.Event()
 
     def stop(self): self.stop_event.set()
+
+# %% ../nbs/11_stream.ipynb #17d151ab
+@patch
+def _burst(self: Replayer) -> int:
+    "Transactions sent at each tick: `rate * tick_s` (1 to 1,000), or 5,000 at a time when the rate is unlimited."
+    return 5000 if not self.rate else int(max(1, min(1000, self.rate * self.tick_s)))
 
 # %% ../nbs/11_stream.ipynb #a837f0d2
 @patch
@@ -258,7 +264,7 @@ def run(self: Replayer, n: int | None = None, loop: bool = False, progress: bool
     "Send `n` transactions (default: the whole frame once; with `loop`, forever) and their labels; return the summary."
     from tqdm.auto import tqdm
     total = n if n is not None else (None if loop else len(self.df))
-    chunk = 5000 if not self.rate else int(max(1, min(1000, self.rate * self.tick_s)))
+    chunk = self._burst()
     bar = tqdm(total=total, unit='tx', disable=not progress, mininterval=0.5, desc='produce')
     t0 = time.monotonic(); sent = 0; row = 0; p = 0
     try:
@@ -332,7 +338,7 @@ def _send_raw(self: RawReplayer, t0: float, sent: int, part: pd.DataFrame):
 @patch
 def run(self: RawReplayer, n: int | None = None, progress: bool = False) -> ProduceSummary:
     "Send `n` raw events (default: every frame) and their labels; the labels still pending at the end go out then."
-    chunk, t0, sent = 5000 if not self.rate else int(max(1, min(1000, self.rate * self.tick_s))), time.monotonic(), 0
+    chunk, t0, sent = self._burst(), time.monotonic(), 0
     try:
         for df in self.frames:
             for row in range(0, len(df), chunk):
