@@ -148,7 +148,8 @@ def test_champion_from_the_registry(settings):
     shows its kind and simulated clock, and its alerts' reasons (from the real alerts topic) name raw-event features."""
     from fraud_nb import compare, retrain
     from fraud_nb.contracts import encode_alert
-    from fraud_nb.dashboard_view import chart_data, render_alerts, render_runs
+    from fraud_nb.dashboard_charts import chart_data
+    from fraud_nb.dashboard_view import render_alerts, render_runs
     from mlflow.tracking import MlflowClient
     bg = DataSource(settings, reasons=False, champion_ttl=0)           # the page's way: the registry is read in a thread
     assert bg.snapshot().champion['state'] == 'loading'
