@@ -82,13 +82,22 @@ def dashboard_problem(s: Settings, p: psutil.Process) -> str | None:
 def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 5.0) -> int | None:
     "Messages of `topic` that consumer group `group` has not committed yet; None when the broker cannot tell."
     from confluent_kafka import Consumer, TopicPartition
-    c = Consumer({'bootstrap.servers': bootstrap, 'group.id': group, 'enable.auto.commit': False, 'log_level': 2})
+    from confluent_kafka import OFFSET_BEGINNING
+    c = Consumer({'bootstrap.servers': bootstrap, 'group.id': group, 'enable.auto.commit': False, 'log_level': 2, 'fetch.wait.max.ms': 10})
     try:
         md = c.list_topics(topic, timeout=timeout).topics.get(topic)
         if md is None or md.error is not None: return None
         committed = c.committed([TopicPartition(topic, p) for p in md.partitions], timeout=timeout)
-        ends = [c.get_watermark_offsets(tp, timeout=timeout) for tp in committed]
-        return int(sum(hi - (tp.offset if tp.offset >= 0 else lo) for tp, (lo, hi) in zip(committed, ends)))
+        # The embedded broker's ListOffsets answer (uncached `get_watermark_offsets`) is wrong when the last batch holds
+        # several records; the marks a fetch brings back are right. So fetch from each committed offset (`assign` joins
+        # no group and nothing is committed) and read the marks the fetch cached.
+        c.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING) for tp in committed])
+        marks, deadline = {}, time.monotonic() + timeout
+        while len(marks) < len(committed) and time.monotonic() < deadline:
+            c.poll(0.05)
+            marks.update({tp.partition: m for tp in committed if (m := c.get_watermark_offsets(tp, cached=True))[1] >= 0})
+        if len(marks) < len(committed): return None
+        return int(sum(hi - (tp.offset if tp.offset >= 0 else max(lo, 0)) for tp in committed for lo, hi in [marks[tp.partition]]))
     except Exception: return None
     finally: c.close()
 

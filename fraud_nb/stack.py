@@ -401,7 +401,10 @@ CONSUMERS = {'transactions': 'scorer', 'labels': 'label-sink'}
 def _drain(self: Stack, timeout: float = DRAIN_S, say: Callable[[str], None] = print) -> dict | None:
     "Stop the producer, wait (bounded) for the scorer and the label sink to consume the broker's messages; report and record what is left."
     state = self.read_state(); svcs = state.get('services', {})
-    if (p := find_process(svcs.get('producer'))) is not None: stop_process(p); say('producer: stopped first (it sent the labels it still held, early)')
+    if (p := find_process(svcs.get('producer'))) is not None:
+        stop_process(p); say('producer: stopped first (it sent the labels it still held, early)')
+        with self._locked():   # so that `down` does not report it as crashed
+            st = self.read_state(); st['services']['producer']['drained'] = True; self._write_state(st)
     if find_process(svcs.get('kafka')) is None: return None
     s, left = self.service_settings(state), {}
     def drained():   # nothing left, or nobody left to consume it
@@ -431,7 +434,7 @@ def _down(self: Stack, say: Callable[[str], None] = print) -> list[str]:
             if name == 'postgres': self._stop_postgres(rec); stopped.append(name); continue
             p = find_process(rec)
             if p is not None: stop_process(p, timeout=RETRAINER_GRACE_S if name == 'retrainer' else 15); stopped.append(name)
-            elif rec.get('pid'): say(f'{name}: was not running (crashed or killed)')
+            elif rec.get('pid') and not rec.get('drained'): say(f'{name}: was not running (crashed or killed)')
         # A postmaster can outlive its record (e.g. a killed `up`): stop whatever runs on our data dir.
         if (self.dir/'pg'/'postmaster.pid').exists():
             with contextlib.suppress(Exception):

@@ -234,6 +234,8 @@ def test_down_drains_says_what_is_lost_and_the_next_up_says_it_again(stream, tmp
     r = _cli(env, 'down')
     assert r.returncode == 0, r.stderr
     assert 'in memory only' in r.stdout and 'producer: stopped first' in r.stdout, r.stdout
+    assert 'producer: was not running' not in r.stdout and 'label-sink: was not running' in r.stdout, r.stdout   # stopped by the drain, not crashed
+    assert not re.search(r': -\d', r.stdout), r.stdout   # no negative counts
     assert 'scorer: caught up' in r.stdout or 'transactions left unconsumed' in r.stdout, r.stdout
     left = re.search(r'label-sink: ([\d,]+) labels left unconsumed', r.stdout)
     assert left and int(left[1].replace(',', '')) >= 25, r.stdout

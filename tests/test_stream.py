@@ -94,3 +94,18 @@ def test_produce_drift_replays_what_monitoring_must_notice(settings):
     sent = sorted(map(tuple, d.values.round(6).tolist()))
     want = sorted(map(tuple, drift_transactions(synthetic_transactions(400, seed=6))[NUMERIC_FIELDS].to_numpy().round(6).tolist()))
     assert len(sent) == 400 and sent == want
+
+
+def test_group_lag_counts_every_record_of_a_multi_record_batch(settings):
+    "`down`'s count of what is left: 25 labels sent as one batch per partition are 25, not one per batch (the embedded broker's ListOffsets answer is the last batch's base offset + 1)."
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from fraud_nb.health import group_lag
+    s = settings
+    p = Producer({'bootstrap.servers': s.kafka_bootstrap, 'linger.ms': 200})   # a long linger: each partition gets one batch
+    for i in range(25): p.produce(s.topic_labels, b'{}', key=f'lag-{i}')
+    assert p.flush(10) == 0
+    assert group_lag(s.kafka_bootstrap, s.labels_group, s.topic_labels) == 25   # nothing committed: all of it
+    c = Consumer({'bootstrap.servers': s.kafka_bootstrap, 'group.id': s.labels_group, 'enable.auto.commit': False})
+    parts = sorted(c.list_topics(s.topic_labels, timeout=5).topics[s.topic_labels].partitions)
+    c.commit(offsets=[TopicPartition(s.topic_labels, parts[0], 2)], asynchronous=False); c.close()
+    assert group_lag(s.kafka_bootstrap, s.labels_group, s.topic_labels) == 23   # two committed in one partition
