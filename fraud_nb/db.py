@@ -172,6 +172,17 @@ CREATE TABLE shadow_scores (
 CREATE INDEX shadow_scores_version_time ON shadow_scores (model_version, scored_at);
 """
 
+# %% ../nbs/07_db.ipynb #f0d19d25
+_QUEUE_SETTLED = """
+ALTER TABLE scored_transactions ADD COLUMN settled boolean NOT NULL DEFAULT false;   -- decided or labelled: off the queue
+UPDATE scored_transactions s SET settled = true
+WHERE is_fraud AND (EXISTS (SELECT 1 FROM decisions d WHERE d.tx_id = s.tx_id) OR EXISTS (SELECT 1 FROM labels l WHERE l.tx_id = s.tx_id));
+DROP INDEX scored_transactions_queue;
+CREATE INDEX scored_transactions_queue ON scored_transactions ((probability * amount) DESC) WHERE is_fraud AND NOT settled;
+-- the desk's capacity: the oldest pending alert
+CREATE INDEX scored_transactions_pending ON scored_transactions (scored_at) WHERE is_fraud AND NOT settled;
+"""
+
 # %% ../nbs/07_db.ipynb #ea0c4a6f
 MIGRATIONS: list[tuple[str, str]] = [
     ('001_core', _SCORED_TRANSACTIONS + _LABELS + _RETRAIN_RUNS + _SCORER_STATS + _SCORED_ROLLUP),
@@ -183,6 +194,7 @@ CREATE INDEX labels_fraud_received ON labels (received_at) WHERE label = 1;
     ('004_desk', _DESK),
     ('005_champion_history', _CHAMPION_HISTORY),
     ('006_monitoring', _MONITORING),
+    ('007_queue_settled', _QUEUE_SETTLED),
 ]
 
 # %% ../nbs/07_db.ipynb #ad52f561
@@ -194,14 +206,14 @@ def _split_sql(script: str) -> list[str]:
 # %% ../nbs/07_db.ipynb #a0ed7d0c
 from .pg import MIGRATION_LOCK  # advisory lock key (the table of keys is fraud_nb.pg.ADVISORY_LOCKS): one migrator at a time
 
-def migrate(engine: sa.Engine) -> list[str]:
-    "Apply the migrations this database has not seen yet, in order; return their names."
+def migrate(engine: sa.Engine, migrations: list[tuple[str, str]] = MIGRATIONS) -> list[str]:
+    "Apply the `migrations` (by default all) this database has not seen yet, in order; return their names."
     applied = []
     with engine.begin() as c:
         c.execute(sa.text('SELECT pg_advisory_xact_lock(:k)'), {'k': MIGRATION_LOCK})
         c.execute(sa.text('CREATE TABLE IF NOT EXISTS schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())'))
         done = set(c.execute(sa.text('SELECT name FROM schema_migrations')).scalars())
-        for name, script in MIGRATIONS:
+        for name, script in migrations:
             if name in done: continue
             for stmt in _split_sql(script): c.execute(sa.text(stmt))
             c.execute(sa.text('INSERT INTO schema_migrations (name) VALUES (:n)'), {'n': name})

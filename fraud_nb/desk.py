@@ -95,7 +95,7 @@ QUEUE_SQL = """
 SELECT s.tx_id, s.event_time, s.scored_at, s.amount, s.probability, s.threshold, s.model_version, s.card_id, s.terminal_id,
        s.tx_time, s.features, s.probability * s.amount AS expected_loss
 FROM scored_transactions s
-WHERE s.is_fraud
+WHERE s.is_fraud AND NOT s.settled
   AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.tx_id = s.tx_id)
   AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.tx_id = s.tx_id)
 ORDER BY s.probability * s.amount DESC
@@ -166,11 +166,14 @@ def label_signer(settings: Settings):
 
 # %% ../nbs/22_desk.ipynb #d92b4a1f
 DECIDE_SQL = """
-INSERT INTO decisions (tx_id, label, analyst, note, model_version, probability, threshold, reasons)
-SELECT tx_id, :label, :analyst, :note, model_version, probability, threshold, CAST(:reasons AS jsonb)
-FROM scored_transactions WHERE tx_id = :tx_id AND is_fraud
-ON CONFLICT (tx_id) DO NOTHING
-RETURNING tx_id
+WITH new AS (
+  INSERT INTO decisions (tx_id, label, analyst, note, model_version, probability, threshold, reasons)
+  SELECT tx_id, :label, :analyst, :note, model_version, probability, threshold, CAST(:reasons AS jsonb)
+  FROM scored_transactions WHERE tx_id = :tx_id AND is_fraud
+  ON CONFLICT (tx_id) DO NOTHING
+  RETURNING tx_id),
+settle AS (UPDATE scored_transactions SET settled = true WHERE tx_id IN (SELECT tx_id FROM new))
+SELECT tx_id FROM new
 """
 
 def _check_decision(label, analyst: str, note: str | None):
@@ -230,7 +233,7 @@ CAPACITY_SQL = """
 SELECT (SELECT count(*) FROM scored_transactions WHERE is_fraud AND scored_at > now() - make_interval(secs => :w)) AS alerts,
        (SELECT count(*) FROM decisions WHERE decided_at > now() - make_interval(secs => :w)) AS reviews,
        (SELECT extract(epoch FROM now() - s.scored_at) FROM scored_transactions s
-         WHERE s.is_fraud AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.tx_id = s.tx_id)
+         WHERE s.is_fraud AND NOT s.settled AND NOT EXISTS (SELECT 1 FROM decisions d WHERE d.tx_id = s.tx_id)
            AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.tx_id = s.tx_id)
          ORDER BY s.scored_at LIMIT 1) AS oldest_s
 """

@@ -16,8 +16,8 @@ from .stream import make_producer, publish, commit_offsets
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ANALYST', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'source_rank', 'wins', 'rank_sql', 'LabelWriter',
-           'LabelSink', 'ensure_topic', 'labels_main']
+__all__ = ['log', 'ANALYST', 'LABEL_STAGE', 'LABEL_STAGE_DDL', 'UPSERT_SQL', 'SETTLE_SQL', 'source_rank', 'wins', 'rank_sql',
+           'LabelWriter', 'LabelSink', 'ensure_topic', 'labels_main']
 
 # %% ../nbs/14_labels.ipynb #ce180e35
 ANALYST = 'analyst'    # the desk's label source; every other source is ground truth
@@ -53,6 +53,10 @@ WITH up AS (
   RETURNING (xmax = 0) AS inserted)
 SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM up
 """
+SETTLE_SQL = f"""
+UPDATE scored_transactions s SET settled = true FROM {LABEL_STAGE} st
+WHERE s.tx_id = st.tx_id AND s.is_fraud AND NOT s.settled
+"""
 
 # %% ../nbs/14_labels.ipynb #98f8388d
 _ESC = str.maketrans({'\\': '\\\\', '\t': '\\t', '\n': '\\n', '\r': '\\r'})
@@ -76,7 +80,9 @@ class LabelWriter(RetryingWriter):
         def work(cur):
             cur.copy_expert(f'COPY {LABEL_STAGE} FROM STDIN', io.BytesIO(buf), size=max(8192, len(buf)))
             cur.execute(UPSERT_SQL)
-            return cur.fetchone()
+            counts = cur.fetchone()
+            cur.execute(SETTLE_SQL)
+            return counts
         ins, changed = self.run(work, give_up)
         return int(ins), int(changed)
 

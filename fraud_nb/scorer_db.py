@@ -25,7 +25,7 @@ __all__ = ['log', 'STAGE_TABLE', 'STAGE_DDL', 'COPY_SQL', 'STAGE_COPY_SQL', 'ROL
 # %% ../nbs/13a_scorer_db.ipynb #f423e07f
 _COLS = ', '.join(COPY_COLUMNS)
 STAGE_TABLE = 'fraud_nb_stage'
-STAGE_DDL = f'CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (LIKE scored_transactions) ON COMMIT DELETE ROWS'
+STAGE_DDL = f'CREATE TEMP TABLE IF NOT EXISTS {STAGE_TABLE} (LIKE scored_transactions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS'
 COPY_SQL = f'COPY scored_transactions ({_COLS}) FROM STDIN (FORMAT binary)'
 STAGE_COPY_SQL = f'COPY {STAGE_TABLE} ({_COLS}) FROM STDIN (FORMAT binary)'
 

@@ -112,6 +112,7 @@ def test_a_note_with_html_is_shown_as_text(desk):
     r = bob.post(url + 'desk/decide', data={'_xsrf': xsrf(bob, url), 'tx_id': 'a-3', 'label': '1', 'note': 'x' * 501}, timeout=120)
     assert r.status_code == 400
     assert query(s, 'SELECT tx_id, analyst, label FROM decisions') == [('a-2', 'ann', 0)]
+    assert query(s, 'SELECT tx_id FROM scored_transactions WHERE settled') == [('a-2',)], 'the decision took the alert off the queue index'
     assert query(s, 'SELECT published_at IS NOT NULL FROM decisions') == [(True,)], 'the label reached the broker'
     assert 'a-2' not in page.text.split('Latest decisions')[0], 'a decided alert leaves the queue'
 

@@ -74,11 +74,12 @@ def test_a_chargeback_overrides_an_earlier_analyst_decision(settings, tmp_path):
     that agrees takes over the source (same seq: nothing new to learn), and a later analyst label changes nothing.
     Retraining's query (`labelled_stream` up to the newest watermark) returns the winners."""
     from fraud_nb import db
+    from fraud_nb.desk import review_queue
     from fraud_nb.retrain import labelled_stream, labels_since
     from test_desk import insert_alerts
     keys = {k: secrets.token_hex(16) for k in ('producer', 'analyst', 'chargeback')}
     s = replace(settings, label_secrets=','.join(f'{k}:{v}' for k, v in keys.items()))
-    insert_alerts(s, [('c-1', 10.0, 0.9), ('c-2', 20.0, 0.8), ('c-3', 30.0, 0.7)])
+    insert_alerts(s, [('c-1', 10.0, 0.9), ('c-2', 20.0, 0.8), ('c-3', 30.0, 0.7), ('c-4', 40.0, 0.6)])   # c-4: never labelled
     sign = lambda t, y, src: (t, sign_label(t, y, T0, source=src, secret=keys[src].encode()))
     seqs = lambda: {t: q for t, q in query(s, 'SELECT tx_id, seq FROM labels')}
     log = tmp_path/'labels.log'
@@ -101,3 +102,8 @@ def test_a_chargeback_overrides_an_earlier_analyst_decision(settings, tmp_path):
         got = labelled_stream(eng, watermark).set_index('tx_id')['Class'].to_dict()
     finally: eng.dispose()
     assert n == 3 and got == {'c-1': 1, 'c-2': 1, 'c-3': 1}, got
+    settled = query(s, 'SELECT tx_id FROM scored_transactions WHERE settled ORDER BY tx_id')
+    assert settled == [('c-1',), ('c-2',), ('c-3',)], f'the sink took the labelled alerts off the queue index: {settled}'
+    eng = db.make_engine(s.database_url)
+    try: assert [r['tx_id'] for r in review_queue(eng)] == ['c-4']
+    finally: eng.dispose()
