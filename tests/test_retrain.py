@@ -170,11 +170,12 @@ def test_end_to_end_threshold_run_promotion_and_swap(settings, tmp_path):
         background.r.stop_event.set(); background.join(60)
         assert background.summary is not None and not background.summary.failed
         sent = background.summary.delivered
-        assert 1000 < sent < 30000, background.summary.line()
+        assert 0 < sent < 30000, background.summary.line()   # how many depends on the machine's speed: a fast one swaps in ~10 s
         wait_for(lambda: query(s, 'SELECT count(*) FROM scored_transactions')[0][0] >= 1000 + sent, 120, 'every transaction scored')
         rows = query(s, 'SELECT tx_id, model_version, kafka_partition, kafka_offset FROM scored_transactions')
         bg = [r for r in rows if r[0] in set(background.ids)]
         assert len(bg) == len({r[0] for r in bg}) == sent                      # none lost, none twice
+        assert {r[1] for r in bg} == {v1, v2}, 'the stream was scored by the old champion and then by the new one'
         for p in {r[2] for r in bg}:                                           # per partition: old version, then new, never back
             versions = [r[1] for r in sorted((r for r in bg if r[2] == p), key=lambda r: r[3])]
             switch = versions.index(v2) if v2 in versions else len(versions)
