@@ -10,7 +10,7 @@ from fastcore.basics import patch
 
 from .config import Settings, get_settings, require, command_parser, run_command
 from .contracts import verify_label, parse_label_secrets, dead_letter_headers
-from .pg import RetryingWriter, WriteAbandoned
+from .pg import LABEL_WRITE_LOCK, RetryingWriter, WriteAbandoned
 from .stream import make_producer, publish, commit_offsets
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class LabelWriter(RetryingWriter):
         buf = ''.join(_copy_line(i, r) for i, r in enumerate(rows)).encode()
         def work(cur):
             cur.copy_expert(f'COPY {LABEL_STAGE} FROM STDIN', io.BytesIO(buf), size=max(8192, len(buf)))
+            cur.execute('SELECT pg_advisory_xact_lock(%s)', (LABEL_WRITE_LOCK,))   # held to the commit: seq order is commit order
             cur.execute(UPSERT_SQL)
             counts = cur.fetchone()
             cur.execute(SETTLE_SQL)

@@ -15,16 +15,17 @@ from fastcore.basics import patch
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ADVISORY_LOCKS', 'MIGRATION_LOCK', 'RETRAIN_LOCK', 'TRANSIENT_ERRORS', 'RETRY_NOW_ERRORS', 'COPY_COLUMNS',
-           'COPY_HEADER', 'COPY_TRAILER', 'RAW_COPY_COLUMNS', 'pg_params', 'pg_connect', 'Backoff', 'WriteAbandoned',
-           'RetryingWriter', 'copy_dtype', 'CopyRows', 'copy_rows', 'copy_rows_raw']
+__all__ = ['log', 'ADVISORY_LOCKS', 'MIGRATION_LOCK', 'RETRAIN_LOCK', 'LABEL_WRITE_LOCK', 'TRANSIENT_ERRORS', 'RETRY_NOW_ERRORS',
+           'COPY_COLUMNS', 'COPY_HEADER', 'COPY_TRAILER', 'RAW_COPY_COLUMNS', 'pg_params', 'pg_connect', 'Backoff',
+           'WriteAbandoned', 'RetryingWriter', 'copy_dtype', 'CopyRows', 'copy_rows', 'copy_rows_raw']
 
 # %% ../nbs/08_pg.ipynb #706b2aba
 ADVISORY_LOCKS: dict[str, int] = {
     'migration': 724_001,   # `fraud_nb.db.migrate`: one migrator at a time
     'retrain':   724_002,   # `fraud_nb.retrain`: one retraining run at a time, across machines
-}
-MIGRATION_LOCK, RETRAIN_LOCK = ADVISORY_LOCKS['migration'], ADVISORY_LOCKS['retrain']
+    'label_write': 724_004, # `fraud_nb.labels.LabelWriter`: label batches commit one at a time, in `labels.seq` order
+}   # 724_003 is `fraud_nb.history`'s, taken with a second key (the model name)
+MIGRATION_LOCK, RETRAIN_LOCK, LABEL_WRITE_LOCK = ADVISORY_LOCKS['migration'], ADVISORY_LOCKS['retrain'], ADVISORY_LOCKS['label_write']
 
 # %% ../nbs/08_pg.ipynb #9f947a4f
 def pg_params(url: str) -> dict:

@@ -109,3 +109,27 @@ def test_group_lag_counts_every_record_of_a_multi_record_batch(settings):
     parts = sorted(c.list_topics(s.topic_labels, timeout=5).topics[s.topic_labels].partitions)
     c.commit(offsets=[TopicPartition(s.topic_labels, parts[0], 2)], asynchronous=False); c.close()
     assert group_lag(s.kafka_bootstrap, s.labels_group, s.topic_labels) == 23   # two committed in one partition
+
+
+def test_label_batches_commit_in_seq_order(settings):
+    "Two label sinks at once: a batch takes `labels.seq` under a lock held to its commit, so a reader of `seq > n` (terminal risk, the retrainer's watermark) never sees a later seq before an earlier one."
+    import threading
+    from fraud_nb.labels import LabelWriter
+    from fraud_nb.pg import LABEL_WRITE_LOCK, pg_connect
+    from scorer_helpers import wait_for
+    first = pg_connect(settings.database_url)   # a first sink, between its upsert and its commit
+    cur = first.cursor()
+    cur.execute('SELECT pg_advisory_xact_lock(%s)', (LABEL_WRITE_LOCK,))
+    cur.execute("INSERT INTO labels (tx_id, label, labeled_at) VALUES ('seq-first', 0, now())")
+    second = threading.Thread(target=LabelWriter(settings.database_url).write, args=([('seq-second', 1, '2026-11-01T00:00:00Z')],), daemon=True)
+    second.start()
+    try:
+        waiting = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = %s"""
+        wait_for(lambda: query(settings, waiting, (LABEL_WRITE_LOCK,))[0][0] == 1, 30, 'the second writer to wait for the lock')
+        assert second.is_alive() and query(settings, 'SELECT tx_id FROM labels') == [], 'nothing visible before the first commit'
+        first.commit()
+    finally: first.close()
+    second.join(30)
+    assert not second.is_alive()
+    seqs = dict(query(settings, 'SELECT tx_id, seq FROM labels'))
+    assert seqs['seq-first'] < seqs['seq-second'], seqs
