@@ -105,6 +105,8 @@ def test_down_interrupts_a_run_now_queues_and_stale_runs_are_closed(settings, tm
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_for(lambda: next(r for r in runs(s) if r['run_id'] == 'stale001')['status'] != 'running', 60, 'the stale run to be closed')
+        # it then renders the interrupted reports; once they are done it is idle, and an idle retrainer stops at once
+        wait_for(lambda: all(r['report_html'] for r in runs(s)), 120, 'the interrupted reports to be rendered')
         again.send_signal(signal.SIGTERM)
         assert exits_within(again, 20) < 10 and again.returncode == 0
     finally:
