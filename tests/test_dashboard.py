@@ -249,7 +249,7 @@ def test_server_reports_probe_cap_and_orphans(settings):
     reports = Path(settings.reports_dir); reports.mkdir(parents=True)
     (reports/'retrain-x.html').write_text('<html><body>REPORT-X</body></html>')
     (reports/'secret.txt').write_text('no')
-    p, url = start_dashboard(settings, '--max-kernels', '2', '--orphan-timeout', '15', '--cull-interval', '1')
+    p, url = start_dashboard(settings, '--max-kernels', '2', '--orphan-timeout', '30', '--cull-interval', '1')   # 30 s: longer than two page loads on a slow machine
     try:
         assert _get(url + 'reports/retrain-x.html') == (200, '<html><body>REPORT-X</body></html>')
         for bad in ('reports/secret.txt', 'reports/../../etc/passwd', 'reports/nope.html'):
@@ -266,7 +266,7 @@ def test_server_reports_probe_cap_and_orphans(settings):
         with pytest.raises(urllib.error.HTTPError) as e: _get(url, timeout=60)      # the cap
         assert e.value.code == 503
         # no browser ever connected: both kernels are shut down after the orphan timeout
-        wait_until(lambda: _kernels(url) == 0, 40, 'orphan kernels culled')
+        wait_until(lambda: _kernels(url) == 0, 60, 'orphan kernels culled')
         assert _get(url, timeout=60)[0] == 200                                       # room again
     finally:
         alive = stop_dashboard(p)
