@@ -195,6 +195,10 @@ CREATE INDEX labels_fraud_received ON labels (received_at) WHERE label = 1;
     ('005_champion_history', _CHAMPION_HISTORY),
     ('006_monitoring', _MONITORING),
     ('007_queue_settled', _QUEUE_SETTLED),
+    ('008_scorer_partitions', """
+-- the partitions a scorer owned when it wrote the row: `fraud-nb produce --wait-for-scorer` starts once one owns some
+ALTER TABLE scorer_stats ADD COLUMN partitions integer[];
+"""),
 ]
 
 # %% ../nbs/07_db.ipynb #ad52f561

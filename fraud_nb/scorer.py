@@ -288,7 +288,7 @@ def lag(self: Scorer) -> int | None:
 @patch
 def write_stats(self: Scorer) -> dict:
     "Write the interval's `scorer_stats` row (dropped, with a warning, if the database is away) and log it."
-    row = self.stats.row(self.id, self.lag(), getattr(self.watcher.current, 'version', None))
+    row = self.stats.row(self.id, self.lag(), getattr(self.watcher.current, 'version', None), [p for _, p in self.assignment])
     self._stats_writer.write(row)
     if row['processed'] or row['dead_letters']:
         log.info('%d scored, %d dead letters, %d flagged in %.1f s; latency p50/p95/p99 %s ms; lag %s; model %s',
@@ -303,6 +303,7 @@ def _on_assign(self: Scorer, consumer, partitions):
     self.events.setdefault('assigned', time.time())
     log.info('assigned %s', ', '.join(f'{t}[{p}]' for t, p in self.assignment) or 'nothing')
     if self.raw is not None: self.raw.assigned([p for _, p in self.assignment])
+    self.write_stats()   # a heartbeat naming the partitions at once: the stack's producer waits for it
     self.ready.set()
 
 @patch

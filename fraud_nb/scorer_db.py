@@ -208,20 +208,21 @@ def add(self: Stats, processed: int, inserted: int, dead: int, flagged: int, mod
 
 # %% ../nbs/13a_scorer_db.ipynb #68c6defd
 @patch
-def row(self: Stats, scorer_id: str, lag: int | None, model_version: str | None) -> dict:
+def row(self: Stats, scorer_id: str, lag: int | None, model_version: str | None, partitions: list[int] | None = None) -> dict:
     "The `scorer_stats` row of the interval that ends now; starts the next interval."
     now = time.monotonic()
     p50, p95, p99 = self.percentiles(self.latencies)
     r = dict(scorer_id=scorer_id, interval_s=now - self.t0, processed=self.processed, dead_letters=self.dead_letters,
              flagged=self.flagged, p50_ms=p50, p95_ms=p95, p99_ms=p99,
-             model_ms_per_tx=(self.model_s * 1000 / self.processed) if self.processed else None, lag=lag, model_version=model_version)
+             model_ms_per_tx=(self.model_s * 1000 / self.processed) if self.processed else None, lag=lag, model_version=model_version,
+             partitions=sorted(partitions or []))
     self.t0 = now; self._reset()
     return r
 
 STATS_SQL = """INSERT INTO scorer_stats (scorer_id, interval_s, processed, dead_letters, flagged, p50_ms, p95_ms, p99_ms,
-               model_ms_per_tx, lag, model_version)
+               model_ms_per_tx, lag, model_version, partitions)
                VALUES (%(scorer_id)s, %(interval_s)s, %(processed)s, %(dead_letters)s, %(flagged)s, %(p50_ms)s, %(p95_ms)s,
-                       %(p99_ms)s, %(model_ms_per_tx)s, %(lag)s, %(model_version)s)"""
+                       %(p99_ms)s, %(model_ms_per_tx)s, %(lag)s, %(model_version)s, %(partitions)s::integer[])"""
 
 # %% ../nbs/13a_scorer_db.ipynb #a42c04c1
 class StatsWriter:

@@ -18,8 +18,9 @@ from .data import LABEL
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LabelScheduler', 'make_producer', 'publish', 'commit_offsets', 'kafka_time_us', 'label_encoder', 'run_prefix',
-           'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames', 'RawReplayer', 'load_source', 'produce_main']
+__all__ = ['log', 'SCORER_OWNS_SQL', 'LabelScheduler', 'make_producer', 'publish', 'commit_offsets', 'kafka_time_us',
+           'label_encoder', 'run_prefix', 'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames', 'RawReplayer',
+           'load_source', 'wait_for_scorer', 'produce_main']
 
 # %% ../nbs/11_stream.ipynb #77ca3fde
 class LabelScheduler:
@@ -378,6 +379,24 @@ def _drift(on: bool):
     return drift_transactions, '; DRIFTED on purpose by fraud_nb.monitor.drift_transactions (for monitoring to notice)'
 
 
+# %% ../nbs/11_stream.ipynb #a7c3e9d2
+SCORER_OWNS_SQL = 'SELECT count(*) FROM scorer_stats WHERE ts >= :since AND cardinality(partitions) > 0'
+
+def wait_for_scorer(settings: Settings, timeout: float, since=None, interval: float = 0.5) -> float | None:
+    "Wait at most `timeout` s for a scorer heartbeat that names partitions, written at or after `since` (default: now, the database's clock): the seconds waited, or None."
+    from fraud_nb import db
+    eng = db.make_engine(require(settings, 'database_url').database_url)
+    try:
+        if since is None:
+            with eng.connect() as c: since = c.execute(db.sa.text('SELECT now()')).scalar()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with eng.connect() as c:
+                if c.execute(db.sa.text(SCORER_OWNS_SQL), {'since': since}).scalar(): return time.monotonic() - t0
+            time.sleep(interval)
+        return None
+    finally: eng.dispose()
+
 # %% ../nbs/11_stream.ipynb #268f78c3
 def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[RawReplayer, str]:
     "The raw-event replayer of `--simulate` (endless, each day through `shift` if given) or of a raw-event dataset, and its start message."
@@ -388,6 +407,12 @@ def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[
     else: frames, what = raw_passes(df, a.loop), f'raw events {df.event_time.min()} .. {df.event_time.max()} (event_time is the dataset\'s time)'
     r = RawReplayer(s, frames, rate=a.rate, label_delay_days=a.label_delay_days, labels=not a.no_labels)
     return r, what + ('' if a.no_labels else f'; labels {a.label_delay_days:g} days of event time later')
+
+def _await_scorer(s: Settings, timeout: float):
+    try: waited = wait_for_scorer(s, timeout)
+    except Exception as e: waited = None; print(f'could not read scorer_stats ({str(e).strip().splitlines()[0][:160]})', flush=True)
+    print(f'a scorer owns partitions (waited {waited:.1f} s)' if waited is not None else
+          f'no scorer owned partitions after {timeout:g} s: producing anyway', flush=True)
 
 def _produce(a) -> int:
     s = require(get_settings(), 'kafka_bootstrap')
@@ -404,6 +429,7 @@ def _produce(a) -> int:
         r = Replayer(s, df, rate=a.rate, label_delay_s=a.label_delay)
         what += '' if a.no_labels else f', labels to {s.topic_labels} after {a.label_delay if a.label_delay is not None else s.label_delay_s:g} s'
     what += drifted
+    if a.wait_for_scorer: _await_scorer(s, a.wait_for_scorer)
     print(f'replaying {what} into {s.topic_transactions} at {"max speed" if rate == 0 else f"{rate:g} tx/s"}', flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: r.stop())
     progress = sys.stderr.isatty() if a.progress is None else a.progress
@@ -432,5 +458,7 @@ def produce_main(argv: list[str]) -> int:
     p.add_argument('--terminals', type=int, default=10_000, help='terminals of --simulate')
     p.add_argument('--from-day', type=int, default=0, help='--simulate: start after that many simulated days of the same world (e.g. after the training history)')
     p.add_argument('--label-delay-days', type=float, default=7.0, help='raw events: days of event time before a label is published')
+    p.add_argument('--wait-for-scorer', type=float, default=0.0, metavar='S',
+                   help='first wait up to S s for a scorer to own partitions, so the first transactions do not wait for its group join')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None, help='progress bar (if not given: when stderr is a terminal)')
     return run_command(p, argv, _produce)

@@ -29,6 +29,17 @@ def demo(tmp_path):
     finally: cli(env, tmp_path, 'down', timeout=300, ok=False)
 
 
+def first_scored(url: str) -> tuple:
+    "The first scored transaction's Kafka time, and the first scorer heartbeat that names partitions."
+    from fraud_nb.db import make_engine, sa
+    eng = make_engine(url)
+    try:
+        with eng.connect() as c:
+            return tuple(c.execute(sa.text("""SELECT (SELECT min(kafka_ts) FROM scored_transactions),
+                                                     (SELECT min(ts) FROM scorer_stats WHERE cardinality(partitions) > 0)""")).one())
+    finally: eng.dispose()
+
+
 def champion(env) -> tuple[str, dict]:
     s = get_settings(env)
     c = MlflowClient(s.mlflow_tracking_uri, registry_uri=s.mlflow_tracking_uri)
@@ -44,6 +55,13 @@ def test_demo_then_a_dataset_file_trains_and_promotes_a_model_on_the_file(demo):
     assert 'SIMULATED raw events on an accelerated clock' in first.stdout and 'MISMATCH' not in first.stderr
     state = read_stack_file(tmp/'state')
     assert state['overrides']['retrain_min_labels'] == 14_000       # the demo's settings are kept for restarts
+    # the producer waited for the scorer to own its partitions: no transaction waited for the group join
+    plog = tmp/'state'/'logs'/'producer.log'
+    wait_until(lambda: 'a scorer owns partitions' in plog.read_text(), 60, 'the producer to see the scorer own partitions')
+    url = get_settings(env).database_url
+    wait_until(lambda: first_scored(url)[0] is not None, 60, 'the first rows scored')
+    first_tx, owned = first_scored(url)
+    assert owned is not None and first_tx >= owned, (first_tx, owned)
 
     # the user puts a dataset in place (a small raw-event file) and starts the demo again
     path = tmp/'data'/'events.csv'

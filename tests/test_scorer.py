@@ -117,6 +117,9 @@ def test_two_replicas_share_the_partitions(settings, tmp_path):
         wait_consuming(logs[0], 4)
         procs.append(start_scorer(settings, logs[1], '--id', 'replica-b'))
         wait_for(lambda: all(len(assigned_partitions(l) or []) == 2 for l in logs), 90, 'the group to rebalance 2 + 2')
+        latest = lambda: dict(query(settings, 'SELECT DISTINCT ON (scorer_id) scorer_id, partitions FROM scorer_stats ORDER BY scorer_id, ts DESC'))
+        wait_for(lambda: sorted(sum(latest().values(), [])) == [0, 1, 2, 3] and all(len(v) == 2 for v in latest().values()), 30,
+                 'each replica to name its two partitions in a heartbeat (written at assignment)')
         ids = produce(settings, 4000, seed=5)
         wait_for(lambda: scored_count(settings) >= 4000, 120, 'all 4,000 rows')
         for p in procs: assert stop(p) == 0

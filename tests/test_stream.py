@@ -133,3 +133,29 @@ def test_label_batches_commit_in_seq_order(settings):
     assert not second.is_alive()
     seqs = dict(query(settings, 'SELECT tx_id, seq FROM labels'))
     assert seqs['seq-first'] < seqs['seq-second'], seqs
+
+
+def test_wait_for_scorer_needs_a_fresh_heartbeat_that_names_partitions(settings):
+    "`fraud-nb produce --wait-for-scorer`: an older heartbeat or one without partitions does not count; a newer one with partitions does; without one the producer starts anyway after the wait, and says so."
+    import psycopg2
+    from fraud_nb.pg import pg_params
+    from fraud_nb.stream import wait_for_scorer
+    conn = psycopg2.connect(**pg_params(settings.database_url)); conn.autocommit = True
+    def heartbeat(parts) -> object:
+        with conn.cursor() as cur:
+            cur.execute("""INSERT INTO scorer_stats (scorer_id, interval_s, processed, dead_letters, flagged, partitions)
+                           VALUES ('s', 1, 0, 0, 0, %s::integer[]) RETURNING ts""", (parts,))
+            return cur.fetchone()[0]
+    try:
+        heartbeat([0, 1])                                            # older than the wait: does not count
+        assert wait_for_scorer(settings, 1.0, interval=0.2) is None
+        since = heartbeat([])                                        # new, but owns nothing
+        assert wait_for_scorer(settings, 1.0, since=since, interval=0.2) is None
+        heartbeat([2, 3])
+        waited = wait_for_scorer(settings, 30.0, since=since, interval=0.2)
+        assert waited is not None, waited
+    finally: conn.close()
+    r = subprocess.run(fraud_nb_cmd('produce', '--synthetic', '500', '--n', '20', '--no-labels', '--wait-for-scorer', '1'),
+                       env=service_env(settings), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'no scorer owned partitions after 1 s: producing anyway' in r.stdout, r.stdout + r.stderr
+    assert 'sent 20 transactions' in r.stdout
