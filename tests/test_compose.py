@@ -615,7 +615,7 @@ def test_compose_producer_replays_the_dataset_as_the_embedded_demo_does(tmp_path
     compose = compose_commands()['producer']
     assert compose[:len(embedded) + 1] == ['fraud-nb', *embedded], (compose, embedded)
     assert set(compose[len(embedded) + 1:]) <= {'--concept-drift', '0.7', '--fraud-rate', '0.01'}   # options of synthetic data only
-    assert APP_SERVICES['producer'].argv(Settings(data_path=tmp_path/'none.csv')) == ['produce', *SIMULATED_STREAM]
+    assert APP_SERVICES['producer'].argv(Settings(data_path=tmp_path/'none.csv')) == ['produce', *SIMULATED_STREAM, '--wait-for-scorer', '30']
 
 
 def test_every_command_resolves():
