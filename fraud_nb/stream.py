@@ -18,9 +18,8 @@ from .data import LABEL
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SCORER_OWNS_SQL', 'LabelScheduler', 'make_producer', 'publish', 'commit_offsets', 'kafka_time_us',
-           'label_encoder', 'run_prefix', 'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames', 'RawReplayer',
-           'load_source', 'wait_for_scorer', 'produce_main']
+__all__ = ['log', 'LabelScheduler', 'make_producer', 'publish', 'commit_offsets', 'kafka_time_us', 'label_encoder', 'run_prefix',
+           'ProduceSummary', 'Replayer', 'raw_passes', 'simulated_frames', 'RawReplayer', 'load_source', 'produce_main']
 
 # %% ../nbs/11_stream.ipynb #77ca3fde
 class LabelScheduler:
@@ -379,24 +378,6 @@ def _drift(on: bool):
     return drift_transactions, '; DRIFTED on purpose by fraud_nb.monitor.drift_transactions (for monitoring to notice)'
 
 
-# %% ../nbs/11_stream.ipynb #a7c3e9d2
-SCORER_OWNS_SQL = 'SELECT count(*) FROM scorer_stats WHERE ts >= :since AND cardinality(partitions) > 0'
-
-def wait_for_scorer(settings: Settings, timeout: float, since=None, interval: float = 0.5) -> float | None:
-    "Wait at most `timeout` s for a scorer heartbeat that names partitions, written at or after `since` (default: now, the database's clock): the seconds waited, or None."
-    from fraud_nb import db
-    eng = db.make_engine(require(settings, 'database_url').database_url)
-    try:
-        if since is None:
-            with eng.connect() as c: since = c.execute(db.sa.text('SELECT now()')).scalar()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            with eng.connect() as c:
-                if c.execute(db.sa.text(SCORER_OWNS_SQL), {'since': since}).scalar(): return time.monotonic() - t0
-            time.sleep(interval)
-        return None
-    finally: eng.dispose()
-
 # %% ../nbs/11_stream.ipynb #268f78c3
 def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[RawReplayer, str]:
     "The raw-event replayer of `--simulate` (endless, each day through `shift` if given) or of a raw-event dataset, and its start message."
@@ -409,6 +390,7 @@ def _raw_replayer(s: Settings, a, df: pd.DataFrame | None, shift=None) -> tuple[
     return r, what + ('' if a.no_labels else f'; labels {a.label_delay_days:g} days of event time later')
 
 def _await_scorer(s: Settings, timeout: float):
+    from fraud_nb.health import wait_for_scorer
     try: waited = wait_for_scorer(s, timeout)
     except Exception as e: waited = None; print(f'could not read scorer_stats ({str(e).strip().splitlines()[0][:160]})', flush=True)
     print(f'a scorer owns partitions (waited {waited:.1f} s)' if waited is not None else

@@ -8,7 +8,7 @@ several runs of `fraud_nb.desk.review_queue` and PostgreSQL's own execution time
 printed; every page must come back in < 50 ms (best of 7 runs, as the desk runs it: the median is printed, it also
 measures a busy host's neighbours), through the queue index, reading a bounded number of buffers; the capacity tile's
 oldest pending alert must be found through its own index, also reading a bounded number of buffers. Before migration
-`007_queue_settled` a page stepped over every settled alert above it (about 300,000 buffers here). To generate the rows
+`007_queue_settled` a page stepped over every settled alert above it (about 400,000 buffers here). To generate the rows
 in seconds, the test's throwaway table is unlogged, its indexes are built after the rows (from their migration
 definitions, read back from pg_indexes) and the scorer's own indexes are left out; the queries, their indexes and the
 anti-joins are the real ones."""

@@ -139,7 +139,7 @@ def test_wait_for_scorer_needs_a_fresh_heartbeat_that_names_partitions(settings)
     "`fraud-nb produce --wait-for-scorer`: an older heartbeat or one without partitions does not count; a newer one with partitions does; without one the producer starts anyway after the wait, and says so."
     import psycopg2
     from fraud_nb.pg import pg_params
-    from fraud_nb.stream import wait_for_scorer
+    from fraud_nb.health import wait_for_scorer
     conn = psycopg2.connect(**pg_params(settings.database_url)); conn.autocommit = True
     def heartbeat(parts) -> object:
         with conn.cursor() as cur:
